@@ -1,0 +1,122 @@
+"""Forward+backward time and memory of every loss, next to PML.
+
+    python benchmarks/losses.py                     # all cases, B in {128, 512, 2048}, D in {128, 512}
+    python benchmarks/losses.py --compare-pml       # plus PML's equivalent loss and the speed ratio
+    python benchmarks/losses.py --only triplet --batch 512 --dim 128
+
+Inputs: PK batches (4 samples per class), Gaussian embeddings, L2-normalised
+for both libraries when the case says so. JAX: ``jax.jit(jax.value_and_grad)``
+timed after compilation and one warm-up call; memory is the compiled
+executable's planned peak (arguments + outputs + temporaries). PML: the same
+inputs as torch tensors, ``loss.backward()``, median wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks import loss_cases  # noqa: E402
+import metric_jax as mj  # noqa: E402
+
+
+def all_cases():
+  cases = []
+  for info in sorted(pkgutil.iter_modules(loss_cases.__path__), key=lambda m: m.name):
+    module = importlib.import_module(f"benchmarks.loss_cases.{info.name}")
+    cases.extend(getattr(module, "CASES", []))
+  return cases
+
+
+def make_inputs(b: int, d: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  emb = rng.normal(size=(b, d)).astype(np.float32)
+  labels = np.repeat(np.arange(b // 4), 4).astype(np.int32)
+  return emb, labels
+
+
+def time_jax(case, emb, labels, num_classes, repeats):
+  d = emb.shape[1]
+  params = case.make_params(jax.random.key(0), num_classes, d) if case.make_params else None
+
+  def loss(e, p):
+    if case.normalize:
+      e = mj.distances.l2_normalize(e)
+    return case.jax_loss(e, labels, p)
+
+  argnums = (0, 1) if params is not None else 0
+  step = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+  e = jnp.asarray(emb)
+  peak = common.compiled_peak_bytes(step, e, params)
+  seconds = common.median_seconds(lambda: jax.block_until_ready(step(e, params)),
+                                  repeats=repeats)
+  return seconds, peak
+
+
+def time_pml(case, emb, labels, num_classes, repeats):
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(max(1, torch.get_num_threads()))
+  module = case.pml_loss(num_classes, emb.shape[1])
+  t_labels = torch.from_numpy(labels.astype(np.int64))
+
+  def run():
+    e = torch.tensor(emb, requires_grad=True)
+    if module is not None and hasattr(module, "zero_grad"):
+      module.zero_grad()
+    out = module(e, t_labels)
+    out.backward()
+
+  return common.median_seconds(run, repeats=repeats)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--compare-pml", action="store_true")
+  parser.add_argument("--only", default="", help="substring of the case names to run")
+  parser.add_argument("--batch", type=int, nargs="*", default=[128, 512, 2048])
+  parser.add_argument("--dim", type=int, nargs="*", default=[128, 512])
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args(argv)
+
+  if args.compare_pml:
+    try:
+      import pytorch_metric_learning  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      parser.error("--compare-pml needs the compare extra: pip install -e '.[compare]'")
+
+  print(f"# machine: {common.machine()}")
+  header = "| loss | B | D | jax ms | jax peak | pml ms | pml/jax |"
+  print(header)
+  print("|---|---|---|---|---|---|---|")
+  for case in all_cases():
+    if args.only and args.only not in case.name:
+      continue
+    for b in args.batch:
+      for d in args.dim:
+        emb, labels = make_inputs(b, d)
+        num_classes = b // 4
+        jax_s, peak = time_jax(case, emb, labels, num_classes, args.repeats)
+        pml_s = None
+        if args.compare_pml and case.pml_loss is not None:
+          try:
+            pml_s = time_pml(case, emb, labels, num_classes, args.repeats)
+          except RuntimeError as err:  # e.g. PML out of memory / INT_MAX triplets
+            print(f"# PML failed for {case.name} B={b} D={d}: {str(err)[:120]}")
+        ratio = f"{pml_s / jax_s:.1f}x" if pml_s else "n/a"
+        print(f"| {case.name} | {b} | {d} | {common.fmt_ms(jax_s)} | "
+              f"{common.fmt_bytes(peak)} | {common.fmt_ms(pml_s)} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

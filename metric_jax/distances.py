@@ -1,0 +1,198 @@
+"""Pairwise distance and similarity matrices: [N, D] x [M, D] -> [N, M].
+
+Every matrix is computed in float32 whatever the input dtype (bfloat16 and
+float16 embeddings are upcast first), because distance differences near a
+margin are too fine for an 8-bit mantissa and ``exp`` overflows float16.
+
+Built-in metrics:
+
+==================== ============ ==========================================
+name                 kind         value
+==================== ============ ==========================================
+``"euclidean"``      distance     ``||x_i - y_j||_2`` (safe sqrt: gradient 0 at 0)
+``"squared_euclidean"`` distance  ``||x_i - y_j||_2^2``
+``"cosine"``         similarity   ``<x_i, y_j> / (||x_i|| ||y_j||)``
+``"dot"``            similarity   ``<x_i, y_j>``
+==================== ============ ==========================================
+
+A callable ``fn(x, y) -> [N, M]`` is accepted wherever a metric name is; it
+is treated as a distance unless it carries ``is_similarity = True``. Wrap a
+function with :func:`custom` to say which it is (a learned Bregman divergence
+from :mod:`metric_jax.bregman` is a distance, anchors first).
+
+Example:
+  >>> import jax.numpy as jnp, metric_jax as mj
+  >>> x = jnp.array([[0., 0.], [3., 4.]])
+  >>> mj.distances.pairwise(x)
+  Array([[0., 5.],
+         [5., 0.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+
+from metric_jax import _checks
+
+_EPS = 1e-12
+# Full f32 matmuls: accelerators otherwise default to reduced-precision
+# passes (TF32 / bf16), which break distances near a margin.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """A callable pairwise metric that knows whether it is a similarity.
+
+  Attributes:
+    fn: ``fn(x [N, D], y [M, D]) -> [N, M]``.
+    is_similarity: True if larger means more alike (cosine, dot), False for
+      distances and divergences (larger means farther).
+    name: a label for error messages and benchmarks.
+  """
+  fn: Callable[[jax.Array, jax.Array], jax.Array]
+  is_similarity: bool = False
+  name: str = "custom"
+
+  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    return self.fn(x, y)
+
+
+MetricLike = Union[str, Callable[[jax.Array, jax.Array], jax.Array]]
+
+
+def custom(fn: Callable[[jax.Array, jax.Array], jax.Array], *,
+           is_similarity: bool = False, name: str | None = None) -> Metric:
+  """Wraps ``fn(x, y) -> [N, M]`` as a metric usable by every loss.
+
+  Args:
+    fn: pairwise function, ``x`` [N, D] (anchors), ``y`` [M, D] (references).
+    is_similarity: True if larger values mean more similar.
+    name: optional label.
+
+  Returns:
+    A :class:`Metric`.
+  """
+  if not callable(fn):
+    raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
+  return Metric(fn, bool(is_similarity), name or getattr(fn, "__name__", "custom"))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = _EPS) -> jax.Array:
+  """Divides by the L2 norm along ``axis``: ``x / max(||x||, eps)``.
+
+  A zero vector stays zero (no NaN, finite gradient). The result has the
+  input's dtype; the norm is accumulated in float32.
+
+  Args:
+    x: array of any shape, floating point.
+    axis: the axis to normalise.
+    eps: floor of the norm.
+
+  Returns:
+    Array of the shape and dtype of ``x``.
+  """
+  x32 = x.astype(jnp.float32)
+  sq = jnp.sum(x32 * x32, axis=axis, keepdims=True)
+  # rsqrt of a floored squared norm: finite value and gradient at zero.
+  inv = jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+  return (x32 * inv).astype(x.dtype)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite) gradient at 0.
+
+  Uses the double ``where`` so neither branch produces ``inf``; NaN inputs
+  stay NaN.
+  """
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), x * 0.0)
+
+
+def _dot(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.matmul(x, y.T, precision=_PRECISION)
+
+
+def _squared_euclidean(x: jax.Array, y: jax.Array, same: bool) -> jax.Array:
+  x_sq = jnp.sum(x * x, axis=-1)
+  y_sq = x_sq if same else jnp.sum(y * y, axis=-1)
+  d2 = x_sq[:, None] + y_sq[None, :] - 2.0 * _dot(x, y)
+  d2 = jnp.maximum(d2, 0.0)
+  if same:
+    d2 = jnp.where(jnp.eye(d2.shape[0], dtype=bool), 0.0, d2)
+  return d2
+
+
+def _cosine(x: jax.Array, y: jax.Array, same: bool) -> jax.Array:
+  xn = l2_normalize(x)
+  yn = xn if same else l2_normalize(y)
+  return _dot(xn, yn)
+
+
+_BUILTIN = {
+    "euclidean": (lambda x, y, same: safe_sqrt(_squared_euclidean(x, y, same)), False),
+    "squared_euclidean": (_squared_euclidean, False),
+    "cosine": (_cosine, True),
+    "dot": (lambda x, y, same: _dot(x, y), True),
+}
+
+METRIC_NAMES = tuple(_BUILTIN)
+
+
+def is_similarity(metric: MetricLike) -> bool:
+  """True if larger values of ``metric`` mean more similar.
+
+  Args:
+    metric: a built-in name or a callable (see :func:`custom`).
+  """
+  if isinstance(metric, str):
+    _checks.choice(metric, METRIC_NAMES, "distance")
+    return _BUILTIN[metric][1]
+  if callable(metric):
+    return bool(getattr(metric, "is_similarity", False))
+  raise TypeError(
+      f"`distance` must be one of {METRIC_NAMES} or a callable, got {type(metric).__name__}.")
+
+
+def pairwise(x: jax.Array, y: jax.Array | None = None,
+             metric: MetricLike = "euclidean") -> jax.Array:
+  """Pairwise metric matrix between the rows of ``x`` and ``y``.
+
+  Args:
+    x: [N, D] float array (f32, bf16 or f16).
+    y: [M, D] float array, or None to compare ``x`` with itself. With
+      ``y=None`` the Euclidean diagonal is exactly 0.
+    metric: ``"euclidean"``, ``"squared_euclidean"``, ``"cosine"``, ``"dot"``
+      or a callable ``fn(x, y) -> [N, M]``.
+
+  Returns:
+    [N, M] float32 matrix (M = N when ``y`` is None).
+
+  Raises:
+    ValueError / TypeError: on a wrong rank, dtype, embedding size or an
+      unknown metric name.
+  """
+  _checks.embeddings(x, "x")
+  if y is not None:
+    _checks.embeddings(y, "y")
+    _checks.same_dim(x, y, "x", "y")
+  same = y is None
+  x32 = x.astype(jnp.float32)
+  y32 = x32 if same else y.astype(jnp.float32)
+  if isinstance(metric, str):
+    _checks.choice(metric, METRIC_NAMES, "metric")
+    return _BUILTIN[metric][0](x32, y32, same)
+  if callable(metric):
+    out = jnp.asarray(metric(x32, y32)).astype(jnp.float32)
+    expected = (x.shape[0], y32.shape[0])
+    if out.shape != expected:
+      raise ValueError(
+          f"custom `metric` must return shape {expected} for inputs {x.shape} and "
+          f"{y32.shape}, got {out.shape}.")
+    return out
+  raise TypeError(
+      f"`metric` must be one of {METRIC_NAMES} or a callable, got {type(metric).__name__}.")

@@ -1,0 +1,162 @@
+"""Label masks over pairs: positives, negatives, self-pair exclusion, validity.
+
+A loss compares anchors (the rows, from ``embeddings``) with references (the
+columns, from ``ref_embeddings`` or, by default, the batch itself). Every
+mask here is a static-shape boolean [B, M] matrix; nothing enumerates pairs.
+
+When the batch is compared with itself (no ``ref_labels``), the diagonal is
+never a positive pair. With an explicit reference set the caller decides
+what identity means (a memory bank may hold earlier copies of an anchor):
+pass ``exclude_self=True`` only when row i and column i are the same sample.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metric_jax import _checks
+from metric_jax import distances as distances_lib
+
+
+class PairMasks(NamedTuple):
+  """Boolean masks over the [B, M] anchor x reference grid.
+
+  Attributes:
+    pos: [B, M] valid positive pairs (same label, not the same sample).
+    neg: [B, M] valid negative pairs (different labels).
+    row_valid: [B] anchors that are real (``where``).
+    col_valid: [M] references that are real (``ref_where``).
+  """
+  pos: jax.Array
+  neg: jax.Array
+  row_valid: jax.Array
+  col_valid: jax.Array
+
+
+def label_masks(labels: jax.Array, ref_labels: jax.Array | None = None, *,
+                where: jax.Array | None = None,
+                ref_where: jax.Array | None = None,
+                exclude_self: bool | None = None,
+                pair_mask: jax.Array | None = None) -> PairMasks:
+  """Positive and negative pair masks from integer labels.
+
+  Args:
+    labels: [B] integer labels of the anchors.
+    ref_labels: [M] integer labels of the references; None means the batch
+      itself (M = B) and implies ``exclude_self=True``.
+    where: optional [B] bool, False marks padding anchors.
+    ref_where: optional [M] bool, False marks padding references. Defaults to
+      ``where`` when ``ref_labels`` is None.
+    exclude_self: drop the diagonal from the positives (requires M = B).
+      Defaults to ``ref_labels is None``.
+    pair_mask: optional [B, M] bool restriction (e.g. from a miner): only
+      pairs where it is True are kept.
+
+  Returns:
+    :class:`PairMasks`.
+  """
+  b = labels.shape[0]
+  same = ref_labels is None
+  if same:
+    ref_labels = labels
+    if ref_where is None:
+      ref_where = where
+  m = ref_labels.shape[0]
+  if exclude_self is None:
+    exclude_self = same
+  row_valid = jnp.ones((b,), bool) if where is None else where
+  col_valid = jnp.ones((m,), bool) if ref_where is None else ref_where
+  valid = row_valid[:, None] & col_valid[None, :]
+  if pair_mask is not None:
+    valid = valid & pair_mask
+  same_label = labels[:, None] == ref_labels[None, :]
+  pos = same_label & valid
+  if exclude_self:
+    if m != b:
+      raise ValueError(
+          f"`exclude_self=True` needs as many references as anchors, got {b} and {m}.")
+    pos = pos & ~jnp.eye(b, dtype=bool)
+  neg = ~same_label & valid
+  return PairMasks(pos, neg, row_valid, col_valid)
+
+
+class PairwiseProblem(NamedTuple):
+  """What almost every embedding loss starts from.
+
+  Attributes:
+    matrix: [B, M] float32 distances or similarities.
+    is_similarity: True if ``matrix`` holds similarities.
+    masks: :class:`PairMasks`.
+  """
+  matrix: jax.Array
+  is_similarity: bool
+  masks: PairMasks
+
+
+def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None,
+                 where=None, ref_where=None, pair_mask=None) -> None:
+  """Validates the standard loss arguments of the public contract."""
+  _checks.embeddings(embeddings, "embeddings")
+  b = embeddings.shape[0]
+  _checks.labels(labels, b, "labels")
+  _checks.mask(where, (b,), "where")
+  if (ref_embeddings is None) != (ref_labels is None):
+    raise ValueError(
+        "`ref_embeddings` and `ref_labels` must be given together, got "
+        f"ref_embeddings={'None' if ref_embeddings is None else 'array'} and "
+        f"ref_labels={'None' if ref_labels is None else 'array'}.")
+  m = b
+  if ref_embeddings is not None:
+    _checks.embeddings(ref_embeddings, "ref_embeddings")
+    _checks.same_dim(embeddings, ref_embeddings, "embeddings", "ref_embeddings")
+    m = ref_embeddings.shape[0]
+    _checks.labels(ref_labels, m, "ref_labels")
+  _checks.mask(ref_where, (m,), "ref_where")
+  _checks.mask(pair_mask, (b, m), "pair_mask")
+
+
+def zero_invalid_rows(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """Zeroes masked rows so padding (even NaN padding) cannot leak into
+  valid rows' values or gradients."""
+  if valid is None:
+    return x
+  return jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
+
+
+def prepare(embeddings: jax.Array, labels: jax.Array,
+            ref_embeddings: jax.Array | None = None,
+            ref_labels: jax.Array | None = None, *,
+            distance: distances_lib.MetricLike = "euclidean",
+            where: jax.Array | None = None,
+            ref_where: jax.Array | None = None,
+            pair_mask: jax.Array | None = None) -> PairwiseProblem:
+  """Validates inputs, computes the [B, M] metric matrix and the label masks.
+
+  Args:
+    embeddings: [B, D] anchors.
+    labels: [B] integer labels.
+    ref_embeddings: [M, D] references, or None for the batch itself.
+    ref_labels: [M] integer labels of the references.
+    distance: metric name or callable (see :mod:`metric_jax.distances`).
+    where: [B] bool validity of anchors.
+    ref_where: [M] bool validity of references.
+    pair_mask: [B, M] bool restriction of the pairs (miners).
+
+  Returns:
+    :class:`PairwiseProblem`.
+  """
+  check_inputs(embeddings, labels, ref_embeddings, ref_labels, where,
+               ref_where, pair_mask)
+  is_sim = distances_lib.is_similarity(distance)
+  x = zero_invalid_rows(embeddings, where)
+  if ref_embeddings is None:
+    matrix = distances_lib.pairwise(x, None, distance)
+  else:
+    y = zero_invalid_rows(ref_embeddings, ref_where)
+    matrix = distances_lib.pairwise(x, y, distance)
+  masks = label_masks(labels, ref_labels, where=where, ref_where=ref_where,
+                      pair_mask=pair_mask)
+  return PairwiseProblem(matrix, is_sim, masks)

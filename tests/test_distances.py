@@ -1,0 +1,102 @@
+"""Tests of metric_jax.distances against loop references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metric_jax as mj
+from tests.helpers import np_pairwise, random_embeddings
+
+METRICS = ("euclidean", "squared_euclidean", "cosine", "dot")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("with_y", [False, True])
+def test_pairwise_matches_loops(metric, with_y):
+  x = random_embeddings(0, 7, 5, scale=2.0)
+  y = random_embeddings(1, 4, 5) if with_y else None
+  got = mj.distances.pairwise(x, y, metric)
+  want = np_pairwise(x, x if y is None else y, metric)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_euclidean_diagonal_is_exactly_zero_and_gradient_finite():
+  x = jnp.asarray(random_embeddings(0, 6, 3, scale=100.0))
+  d = mj.distances.pairwise(x)
+  assert np.all(np.diag(d) == 0.0)
+  grad = jax.grad(lambda e: mj.distances.pairwise(e).sum())(x)
+  assert np.all(np.isfinite(grad))
+
+
+def test_duplicate_points_have_zero_distance_and_zero_gradient():
+  x = jnp.array([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0]])
+  y = jnp.array([[1.0, 2.0]])
+  d = mj.distances.pairwise(x, y)
+  assert float(d[0, 0]) == 0.0 and float(d[1, 0]) == 0.0
+  g = jax.grad(lambda e: mj.distances.pairwise(e, y)[:2].sum())(x)
+  np.testing.assert_array_equal(g[:2], 0.0)
+
+
+def test_safe_sqrt_keeps_nan():
+  assert np.isnan(mj.distances.safe_sqrt(jnp.array(jnp.nan)))
+  assert float(jax.grad(mj.distances.safe_sqrt)(0.0)) == 0.0
+
+
+def test_l2_normalize_zero_vector_and_dtype():
+  x = jnp.array([[0.0, 0.0], [3.0, 4.0]], jnp.bfloat16)
+  out = mj.distances.l2_normalize(x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), [[0, 0], [0.6, 0.8]], atol=1e-2)
+  g = jax.grad(lambda v: mj.distances.l2_normalize(v).sum())(jnp.zeros((1, 3)))
+  assert np.all(np.isfinite(g))
+
+
+def test_cosine_with_zero_vector_is_finite():
+  x = jnp.array([[0.0, 0.0], [1.0, 0.0]])
+  d = mj.distances.pairwise(x, metric="cosine")
+  assert np.all(np.isfinite(d))
+  g = jax.grad(lambda e: mj.distances.pairwise(e, metric="cosine").sum())(x)
+  assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_accumulates_in_float32(dtype):
+  x = random_embeddings(3, 6, 8)
+  got = mj.distances.pairwise(jnp.asarray(x, dtype))
+  assert got.dtype == jnp.float32
+  want = np_pairwise(np.asarray(jnp.asarray(x, dtype), np.float32), np.asarray(jnp.asarray(x, dtype), np.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_is_similarity():
+  assert not mj.distances.is_similarity("euclidean")
+  assert not mj.distances.is_similarity("squared_euclidean")
+  assert mj.distances.is_similarity("cosine")
+  assert mj.distances.is_similarity("dot")
+  assert not mj.distances.is_similarity(lambda x, y: x @ y.T)
+  sim = mj.distances.custom(lambda x, y: x @ y.T, is_similarity=True)
+  assert mj.distances.is_similarity(sim)
+
+
+def test_custom_metric_is_used_and_shape_checked():
+  fn = mj.distances.custom(lambda x, y: jnp.abs(x[:, None, 0] - y[None, :, 0]))
+  x = jnp.array([[1.0, 5.0], [4.0, 0.0]])
+  np.testing.assert_allclose(mj.distances.pairwise(x, metric=fn), [[0, 3], [3, 0]])
+  with pytest.raises(ValueError, match="custom `metric` must return shape"):
+    mj.distances.pairwise(x, metric=lambda a, b: jnp.zeros((3, 3)))
+
+
+def test_bad_inputs_name_the_argument():
+  x = jnp.ones((3, 2))
+  with pytest.raises(ValueError, match="`x` must have rank 2"):
+    mj.distances.pairwise(jnp.ones(3))
+  with pytest.raises(TypeError, match="`x` must be a floating-point"):
+    mj.distances.pairwise(jnp.ones((3, 2), jnp.int32))
+  with pytest.raises(ValueError, match="same embedding size, got 2 and 3"):
+    mj.distances.pairwise(x, jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="`metric` must be one of"):
+    mj.distances.pairwise(x, metric="manhattan")
+  with pytest.raises(TypeError, match="`metric` must be one of"):
+    mj.distances.pairwise(x, metric=3)
