@@ -31,6 +31,7 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "safetensors>=0.4",
+        "pillow>=10.0",
     ],
     extras_require={
         "test": [
@@ -40,6 +41,7 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "pdoc>=15.0",
         ],
         # Side-by-side benchmarks and parity tests against PML only.
         "compare": [

@@ -65,16 +65,21 @@ def time_jax(case, emb, labels, num_classes, repeats):
 
 def time_pml(case, emb, labels, num_classes, repeats):
   import torch  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(max(1, torch.get_num_threads()))
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   module = case.pml_loss(num_classes, emb.shape[1])
-  t_labels = torch.from_numpy(labels.astype(np.int64))
+  if hasattr(module, "to"):
+    module = module.to(device)
+  t_labels = torch.from_numpy(labels.astype(np.int64)).to(device)
+  t_emb = torch.from_numpy(emb).to(device)
 
   def run():
-    e = torch.tensor(emb, requires_grad=True)
-    if module is not None and hasattr(module, "zero_grad"):
+    e = t_emb.clone().requires_grad_(True)
+    if hasattr(module, "zero_grad"):
       module.zero_grad()
     out = module(e, t_labels)
     out.backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   return common.median_seconds(run, repeats=repeats)
 
@@ -83,7 +88,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--compare-pml", action="store_true")
-  parser.add_argument("--only", default="", help="substring of the case names to run")
+  parser.add_argument("--only", nargs="*", default=[],
+                      help="run the cases whose name contains any of these substrings")
   parser.add_argument("--batch", type=int, nargs="*", default=[128, 512, 2048])
   parser.add_argument("--dim", type=int, nargs="*", default=[128, 512])
   parser.add_argument("--repeats", type=int, default=5)
@@ -100,18 +106,22 @@ def main(argv=None):
   print(header)
   print("|---|---|---|---|---|---|---|")
   for case in all_cases():
-    if args.only and args.only not in case.name:
+    if args.only and not any(part in case.name for part in args.only):
       continue
     for b in args.batch:
       for d in args.dim:
         emb, labels = make_inputs(b, d)
         num_classes = b // 4
-        jax_s, peak = time_jax(case, emb, labels, num_classes, args.repeats)
+        try:
+          jax_s, peak = time_jax(case, emb, labels, num_classes, args.repeats)
+        except Exception as err:  # pylint: disable=broad-except
+          print(f"| {case.name} | {b} | {d} | failed: {type(err).__name__}: {str(err)[:100]} |")
+          continue
         pml_s = None
         if args.compare_pml and case.pml_loss is not None:
           try:
             pml_s = time_pml(case, emb, labels, num_classes, args.repeats)
-          except RuntimeError as err:  # e.g. PML out of memory / INT_MAX triplets
+          except Exception as err:  # pylint: disable=broad-except  # PML OOM / INT_MAX triplets
             print(f"# PML failed for {case.name} B={b} D={d}: {str(err)[:120]}")
         ratio = f"{pml_s / jax_s:.1f}x" if pml_s else "n/a"
         print(f"| {case.name} | {b} | {d} | {common.fmt_ms(jax_s)} | "

@@ -10,8 +10,6 @@ what identity means (a memory bank may hold earlier copies of an anchor):
 pass ``exclude_self=True`` only when row i and column i are the same sample.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import jax
