@@ -140,7 +140,8 @@ def masked_logsumexp(x: jax.Array, mask: jax.Array, axis: int = -1,
                   axis=axis, keepdims=True)
   if include_zero:
     total = total + jnp.exp(-shift)
-  safe_total = jnp.where(total > 0, total, 1.0)
+  # Empty sets (total 0) get log(1) = 0; NaN inputs stay NaN.
+  safe_total = jnp.where((total > 0) | jnp.isnan(total), total, 1.0)
   lse = jnp.squeeze(jnp.log(safe_total) + shift, axis=axis)
   if include_zero:
     return lse, nonempty
