@@ -1,0 +1,43 @@
+"""Benchmark cases: the founding papers' losses (lifted structure,
+generalized lifted structure, N-pair, quadruplet, triplet-center).
+
+Where PML has the loss, the JAX side uses the settings that reproduce PML's
+numbers (``empty_lse="zero"``, no N-pair regulariser; both libraries see
+L2-normalised inputs). PML has no quadruplet or triplet-center loss.
+
+    python benchmarks/losses.py --compare-pml --only lifted --batch 512 2048 --dim 128
+"""
+
+from __future__ import annotations
+
+import metric_jax as mj
+from benchmarks.loss_cases import Case
+
+
+def _pml(name, **kw):
+  """Defers the PML import so the cases load without the compare extra."""
+  def build(num_classes, dim):
+    del num_classes, dim
+    from pytorch_metric_learning import losses  # pylint: disable=import-outside-toplevel
+    return getattr(losses, name)(**kw)
+  return build
+
+
+def _triplet_center(emb, labels, params):
+  return mj.losses.triplet_center_loss(emb, labels, margin=1.0, **params)
+
+
+CASES = [
+    Case("lifted structure",
+         lambda e, l, p: mj.losses.lifted_structure_loss(e, l, empty_lse="zero"),
+         _pml("LiftedStructureLoss")),
+    Case("generalized lifted structure",
+         lambda e, l, p: mj.losses.generalized_lifted_structure_loss(e, l, empty_lse="zero"),
+         _pml("GeneralizedLiftedStructureLoss")),
+    Case("npair",
+         lambda e, l, p: mj.losses.npair_loss(e, l, l2_reg=0.0),
+         _pml("NPairsLoss")),
+    Case("quadruplet",
+         lambda e, l, p: mj.losses.quadruplet_loss(e, l, margin1=0.2, margin2=0.1)),
+    Case("triplet-center", _triplet_center, make_params=mj.losses.init_triplet_center),
+]

@@ -1,0 +1,49 @@
+r"""Writes the embeddings of a split to an ``.npz`` file.
+
+Usage:
+  python -m experiments.embed --workdir=/tmp/digits_run --split=test \
+      --output=/tmp/digits_test.npz
+
+The file (written atomically: temporary file, then rename) holds
+``embeddings`` [N, E] float32, ``labels`` [N] int32, ``class_ids`` and
+``step``. Without ``--output`` it goes to
+``<workdir>/embeddings_<split>_step_<N>.npz``; without ``--config`` the
+workdir's stored config is used.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from metric_jax import sharding
+from metric_jax.training import config as config_lib
+from metric_jax.training import loop
+from metric_jax.training import reporting
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (default: the workdir's config.json).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Split to embed.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output .npz path.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-host: coordinator host:port, or 'auto'.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  reporting.quiet_library_logs()
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
+  config = _CONFIG.value or config_lib.config_from_workdir(_WORKDIR.value)
+  path = loop.embed_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
+                               output=_OUTPUT.value, step=_STEP.value)
+  print(f"Wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,136 @@
+"""Ranked list loss (Wang, Hua, Kodirov, Hu, Garnier, Robertson, CVPR 2019)."""
+
+from __future__ import annotations
+
+__all__ = ["ranked_list_loss"]
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metric_jax import _checks
+from metric_jax import pairs
+from metric_jax import reductions
+
+# PML adds this to every reference column's weight in both denominators.
+_PML_EPS = 1e-5
+
+
+def _weighted_mean(x, logw, active, compat, n_cols):
+  """sum_active w x / sum_active w per row, with w = exp(logw); 0 if empty.
+
+  Exact form: weights shifted by their (stop-gradient) row maximum, which
+  leaves the ratio and its gradient unchanged. ``compat``: PML's unshifted
+  weights plus ``1e-5`` per reference column in the denominator."""
+  if compat:
+    w = jnp.where(active, jnp.exp(jnp.where(active, logw, 0.0)), 0.0)
+    den = jnp.sum(w, axis=1) + _PML_EPS * n_cols
+    return jnp.sum(w * x, axis=1) / den
+  shift, _ = reductions.masked_max(logw, active)
+  shift = jax.lax.stop_gradient(shift)
+  w = jnp.where(active, jnp.exp(jnp.where(active, logw - shift[:, None], 0.0)), 0.0)
+  den = jnp.sum(w, axis=1)
+  empty = den <= 0                       # written so that NaN stays visible
+  return jnp.where(empty, 0.0, jnp.sum(w * x, axis=1) / jnp.where(empty, 1.0, den))
+
+
+def ranked_list_loss(embeddings: jax.Array, labels: jax.Array,
+                     ref_embeddings: jax.Array | None = None,
+                     ref_labels: jax.Array | None = None, *,
+                     margin: float = 0.2, Tn: float = 10.0, Tp: float = 0.0,  # pylint: disable=invalid-name
+                     imbalance: float = 0.5, alpha: float | None = None,
+                     pml_compat: bool = False,
+                     distance="euclidean", reduction: str = "mean",
+                     where: jax.Array | None = None,
+                     ref_where: jax.Array | None = None,
+                     pair_mask: jax.Array | None = None) -> jax.Array:
+  r"""Ranked list loss (RLL-Simpler): push negatives beyond ``alpha`` and pull
+  positives inside ``alpha - margin``, with loss-dependent pair weights.
+
+  Per anchor ``i`` (distance ``d``), over the violating positives
+  ``P*_i = {j in P_i: d_ij > alpha - margin}`` and negatives
+  ``N*_i = {j in N_i: d_ij < alpha}``::
+
+    w+_ij = exp(Tp (d_ij - (alpha - margin)))      w-_ij = exp(Tn (alpha - d_ij))
+    L_P(i) = sum_{P*} w+ (d - (alpha - margin)) / sum_{P*} w+
+    L_N(i) = sum_{N*} w- (alpha - d) / sum_{N*} w-
+    l_i = (1 - imbalance) L_P(i) + imbalance L_N(i)
+
+  averaged over all valid anchors (an empty set contributes 0). The weights
+  are differentiated (as in PML); they are shifted by their row maximum,
+  which leaves each weighted mean unchanged and prevents overflow at large
+  temperatures.
+
+  Defaults: ``margin=0.2``, ``Tn=10``, ``Tp=0`` as in the authors' CUB
+  configuration (``XinshaoAmosWang/Ranked-List-Loss-for-DML``, which also
+  uses ``alpha=1.4``); ``alpha=None`` means ``1 + margin / 2`` and
+  ``imbalance=0.5`` as in PML (PML's ``RankedListLoss`` has no default for
+  ``margin`` and ``Tn``).
+
+  PML differences, reproduced by ``pml_compat=True``: PML adds ``1e-5`` per
+  reference column to both denominators (a bias of relative size
+  ``1e-5 M / sum w``) and ignores pairs at distance exactly 0 (so collapsed
+  embeddings cost nothing there; here a negative at distance 0 costs
+  ``alpha``).
+
+  Args:
+    embeddings: [B, D] float anchors.
+    labels: [B] integer labels.
+    ref_embeddings: optional [M, D] references (PML does not support them).
+    ref_labels: [M] labels of the references.
+    margin: gap between the positive and the negative boundary.
+    Tn: temperature of the negative weights.
+    Tp: temperature of the positive weights.
+    imbalance: weight of the negative part, in [0, 1].
+    alpha: negative boundary; None gives ``1 + margin / 2``.
+    pml_compat: reproduce PML's numerics (see above).
+    distance: a distance (default Euclidean), not a similarity.
+    reduction: ``"mean"`` (default), ``"mean_nonzero"``, ``"sum"`` or
+      ``"none"`` ([B] terms).
+    where: [B] bool validity of anchors.
+    ref_where: [M] bool validity of references.
+    pair_mask: [B, M] bool restriction of the pairs (miners).
+
+  Returns:
+    Scalar float32 loss, or [B] terms for ``reduction="none"``.
+
+  References:
+    Wang, Hua, Kodirov, Hu, Garnier, Robertson, "Ranked List Loss for Deep
+    Metric Learning", CVPR 2019, arXiv 1903.03238.
+
+  Example:
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> emb = jnp.array([[1., 0.], [0.8, 0.6], [0., 1.]])
+    >>> round(float(mj.losses.ranked_list_loss(emb, jnp.array([0, 0, 1]))), 4)
+    0.0685
+  """
+  reductions.check(reduction)
+  _checks.scalar(margin, "margin")
+  _checks.scalar(Tn, "Tn")
+  _checks.scalar(Tp, "Tp")
+  _checks.scalar(imbalance, "imbalance")
+  if isinstance(imbalance, (int, float, np.number)) and not 0 <= imbalance <= 1:
+    raise ValueError(f"`imbalance` must be in [0, 1], got {imbalance}.")
+  if alpha is None:
+    alpha = 1.0 + margin / 2.0
+  _checks.scalar(alpha, "alpha")
+  problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
+                          distance=distance, where=where, ref_where=ref_where,
+                          pair_mask=pair_mask)
+  if problem.is_similarity:
+    raise ValueError(
+        f"ranked_list_loss needs a distance, got the similarity {distance!r}.")
+  d, masks = problem.matrix, problem.masks
+  pos_bound = alpha - margin
+  # Comparisons written as negations so that NaN distances count as active
+  # and NaN inputs stay visible in the loss.
+  act_p = masks.pos & ~(d <= pos_bound)
+  act_n = masks.neg & ~(d >= alpha)
+  if pml_compat:
+    act_p = act_p & ~(d <= 0)
+    act_n = act_n & ~(d <= 0)
+  n_cols = jnp.sum(masks.col_valid).astype(jnp.float32)
+  loss_p = _weighted_mean(d - pos_bound, Tp * (d - pos_bound), act_p, pml_compat, n_cols)
+  loss_n = _weighted_mean(alpha - d, Tn * (alpha - d), act_n, pml_compat, n_cols)
+  terms = (1.0 - imbalance) * loss_p + imbalance * loss_n
+  return reductions.reduce(terms, masks.row_valid, reduction)

@@ -1,0 +1,159 @@
+"""Device mesh and shardings for data-parallel training and evaluation.
+
+One mesh axis, ``"data"``: batches are split along their leading axis over
+every device of every process, parameters and optimiser state are
+replicated. Losses see the *global* batch: under ``jax.jit`` a sharded
+``[B, D]`` embedding array is one logical array, so a loss computed on it
+compares every example with every other one (negatives from all devices),
+and XLA inserts the collectives. Nothing here is specific to one host:
+:func:`shard_batch` builds global arrays from each process's local rows with
+``jax.make_array_from_process_local_data``.
+
+The mesh axis uses ``AxisType.Auto`` (sharding propagation by the compiler)
+so that any loss, including ones that sort or gather along the batch axis,
+compiles unchanged on a sharded batch.
+
+Example:
+  >>> import jax, numpy as np
+  >>> from metric_jax import sharding
+  >>> mesh = sharding.make_mesh(num_devices=1)
+  >>> x = sharding.shard_batch({"x": np.zeros((4, 2), np.float32)}, mesh)["x"]
+  >>> x.shape, x.sharding.spec
+  ((4, 2), P('data',))
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DATA_AXIS",
+    "make_mesh",
+    "batch_sharding",
+    "replicated",
+    "check_batch_size",
+    "local_batch_slice",
+    "shard_batch",
+    "state_shardings",
+    "initialize_distributed",
+]
+
+from typing import Any
+
+import jax
+import numpy as np
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None,
+              devices: Any = None) -> jax.sharding.Mesh:
+  """A one-axis ``("data",)`` mesh over ``num_devices`` devices.
+
+  Args:
+    num_devices: how many devices to use (default: all of ``jax.devices()``,
+      i.e. every device of every process). Must be > 0 and at most the
+      number available.
+    devices: optional explicit device list (overrides ``num_devices``).
+
+  Returns:
+    A ``jax.sharding.Mesh`` with one ``"data"`` axis of type ``Auto``.
+  """
+  if devices is None:
+    available = jax.devices()
+    if num_devices is None:
+      num_devices = len(available)
+    if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)):
+      raise TypeError(f"`num_devices` must be an int, got {num_devices!r}.")
+    if not 0 < num_devices <= len(available):
+      raise ValueError(
+          f"`num_devices` must be in [1, {len(available)}] (devices available), "
+          f"got {num_devices}.")
+    devices = available[:num_devices]
+  devices = list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
+  """Leading axis split over ``"data"``: ``NamedSharding(mesh, P("data"))``."""
+  return jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
+  """Every device holds a full copy: ``NamedSharding(mesh, P())``."""
+  return jax.NamedSharding(mesh, jax.P())
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh,
+                     name: str = "batch_size") -> None:
+  """Raises unless the global batch splits evenly over devices and processes."""
+  n_dev = mesh.devices.size
+  if batch_size % n_dev:
+    raise ValueError(
+        f"`{name}` must be divisible by the number of devices ({n_dev}), "
+        f"got {batch_size}.")
+  if batch_size % jax.process_count():
+    raise ValueError(
+        f"`{name}` must be divisible by the number of processes "
+        f"({jax.process_count()}), got {batch_size}.")
+
+
+def local_batch_slice(global_batch_size: int) -> slice:
+  """The rows of a global batch that this process loads.
+
+  Every process draws the same global batch indices (samplers are functions
+  of the step), then loads only its contiguous share of rows.
+  """
+  per_process = global_batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Assembles global ``P("data")``-sharded arrays from process-local rows.
+
+  Args:
+    local_batch: pytree of host arrays whose leading axis holds this
+      process's rows (``global_rows / process_count`` of them).
+    mesh: the data mesh.
+
+  Returns:
+    The same pytree of global ``jax.Array`` s with leading axis
+    ``local_rows * process_count``.
+  """
+  sharding = batch_sharding(mesh)
+  n_proc = jax.process_count()
+
+  def put(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return jax.tree.map(put, local_batch)
+
+
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Replicated sharding for every leaf of a (possibly abstract) state."""
+  rep = replicated(mesh)
+  return jax.tree.map(lambda _: rep, abstract_state)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Calls ``jax.distributed.initialize`` for a multi-process run.
+
+  With no arguments nothing happens (single process). On managed clusters
+  (Cloud TPU, SLURM) ``jax.distributed.initialize()`` can find its settings
+  itself: pass ``coordinator_address="auto"`` for that.
+
+  Returns:
+    Whether ``jax.distributed`` was initialised.
+  """
+  if coordinator_address is None and num_processes is None and process_id is None:
+    return False
+  if coordinator_address == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  return True

@@ -1,0 +1,318 @@
+"""The experiment config: defaults, validation and the objects it builds.
+
+Every ``configs/<name>.py`` starts from :func:`base_config` (all fields,
+typed), overrides what it needs and returns ``config.lock()``-ed: a misspelt
+field or a value of the wrong type (``--config.batch_size=abc``) is
+rejected by ``ml_collections``. :func:`validate` then checks values and names
+(unknown model, loss, optimiser, schedule or dtype names raise a
+``ValueError`` listing the valid ones) before any data is loaded.
+
+Fields (defaults in :func:`base_config`)::
+
+  seed, batch_size (global), num_train_steps, compute_dtype
+  data:      name, options, image_size, random_resized_crop, crop_scale, flip, center_crop,
+             mean, std
+  sampler:   name, kwargs, refresh_every
+  model:     name, embedding_dim, kwargs, pretrained
+  loss:      name, weight, kwargs, init_kwargs, learned, normalize_embeddings,
+             extra_terms {key: {name, weight, kwargs, init_kwargs, learned}}
+  optimizer: name, learning_rate, weight_decay, schedule, warmup_steps, ...
+  eval:      batch_size, every, k_values, metric, normalize, clustering
+  log_every, checkpoint_every, keep_checkpoints, projection,
+  plot_max_classes, progress_bar, num_devices
+"""
+
+from __future__ import annotations
+
+__all__ = ["base_config", "validate", "objective_from_config", "preprocess_from_config",
+           "config_from_dict", "config_from_workdir", "parse_config_arg",
+           "image_retrieval_config", "COMPUTE_DTYPES", "PROJECTIONS", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
+
+import functools
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from metric_jax.training import optim
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+PROJECTIONS = ("pca", "tsne", "none")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All config fields with their defaults (unlocked; configs lock it)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 64
+  c.num_train_steps = 1000
+  c.compute_dtype = "float32"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"
+  c.data.options = ml_collections.ConfigDict()
+  c.data.image_size = config_dict.placeholder(int)      # None: native size
+  c.data.random_resized_crop = False
+  c.data.crop_scale = (0.16, 1.0)     # area fraction range of the random crop
+  c.data.flip = False
+  c.data.center_crop = 1.0            # fraction of each side kept at evaluation
+  c.data.mean = config_dict.placeholder(tuple)
+  c.data.std = config_dict.placeholder(tuple)
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.name = "m_per_class"
+  c.sampler.kwargs = ml_collections.ConfigDict({"m": 4})
+  c.sampler.refresh_every = 0        # call sampler.update_embeddings every N steps
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "convnet"
+  c.model.embedding_dim = 64
+  c.model.kwargs = ml_collections.ConfigDict()
+  # torchvision/timm ResNet weights (.pth or .safetensors) for the backbone of
+  # a new run (metric_jax.models.torch_convert); None: random initialisation.
+  c.model.pretrained = config_dict.placeholder(str)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "triplet_margin_loss"
+  c.loss.weight = 1.0
+  c.loss.kwargs = ml_collections.ConfigDict({"margin": 0.2, "mining": "semihard"})
+  c.loss.init_kwargs = ml_collections.ConfigDict()
+  c.loss.learned = True              # use init_<stem> parameters if the loss has them
+  c.loss.normalize_embeddings = True
+  c.loss.extra_terms = ml_collections.ConfigDict()
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.end_lr_factor = 0.0
+  c.optimizer.step_boundaries = ()
+  c.optimizer.step_decay = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.rms_decay = 0.99
+  c.optimizer.grad_clip_norm = 0.0
+  c.optimizer.loss_learning_rate = config_dict.placeholder(float)  # None: same as model
+  c.optimizer.loss_weight_decay = 0.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.every = 0                 # steps between evaluations; 0: only at the end
+  c.eval.k_values = (1, 2, 4, 8)
+  c.eval.metric = "euclidean"
+  c.eval.normalize = True
+  c.eval.clustering = True
+
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.projection = "pca"
+  c.plot_max_classes = 20
+  c.progress_bar = True
+  c.num_devices = config_dict.placeholder(int)   # None: all devices
+  return c
+
+
+def _positive(config, key: str, minimum: int = 1) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"`config.{key}` must be an int >= {minimum}, got {value!r}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values and names; raises ``ValueError`` naming the field."""
+  _positive(config, "batch_size")
+  _positive(config, "num_train_steps")
+  _positive(config, "log_every")
+  _positive(config, "checkpoint_every")
+  _positive(config, "keep_checkpoints")
+  _positive(config, "eval.batch_size")
+  _positive(config, "model.embedding_dim")
+  _positive(config, "plot_max_classes")
+  _positive(config, "eval.every", minimum=0)
+  _positive(config, "sampler.refresh_every", minimum=0)
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"`config.compute_dtype` must be one of {COMPUTE_DTYPES}, "
+                     f"got {config.compute_dtype!r}.")
+  if config.projection not in PROJECTIONS:
+    raise ValueError(f"`config.projection` must be one of {PROJECTIONS}, "
+                     f"got {config.projection!r}.")
+  if config.optimizer.name not in optim.OPTIMIZERS:
+    raise ValueError(f"Unknown `config.optimizer.name` {config.optimizer.name!r}; "
+                     f"valid names: {', '.join(optim.OPTIMIZERS)}.")
+  if config.optimizer.schedule not in optim.SCHEDULES:
+    raise ValueError(f"Unknown `config.optimizer.schedule` {config.optimizer.schedule!r}; "
+                     f"valid names: {', '.join(optim.SCHEDULES)}.")
+  if not config.optimizer.learning_rate >= 0:
+    raise ValueError(f"`config.optimizer.learning_rate` must be >= 0, "
+                     f"got {config.optimizer.learning_rate}.")
+  if config.data.image_size is not None and config.data.image_size < 1:
+    raise ValueError(f"`config.data.image_size` must be >= 1 or None, "
+                     f"got {config.data.image_size}.")
+  for name in ("mean", "std"):
+    value = config.data[name]
+    if value is not None and not all(isinstance(v, (int, float)) for v in value):
+      raise ValueError(f"`config.data.{name}` must be a tuple of numbers, got {value!r}.")
+  objective_from_config(config)   # unknown loss names / hyper-parameters
+
+
+def objective_from_config(config: ml_collections.ConfigDict):
+  """The :class:`metric_jax.losses.Objective` of ``config.loss``."""
+  from metric_jax.losses import composition
+  loss = config.loss
+  terms = [composition.LossTerm(loss.name, weight=loss.weight,
+                                 kwargs=loss.kwargs.to_dict(),
+                                 init_kwargs=loss.init_kwargs.to_dict(),
+                                 learned=loss.learned)]
+  for key, term in loss.extra_terms.items():
+    term = term.to_dict() if hasattr(term, "to_dict") else dict(term)
+    if "name" not in term:
+      raise ValueError(f"`config.loss.extra_terms.{key}` needs a `name`.")
+    terms.append(composition.LossTerm(
+        term["name"], weight=term.get("weight", 1.0), kwargs=term.get("kwargs", {}),
+        init_kwargs=term.get("init_kwargs", {}), key=key,
+        learned=term.get("learned", True)))
+  return composition.make_objective(terms)
+
+
+def preprocess_from_config(config: ml_collections.ConfigDict):
+  """``preprocess(images_uint8, rng, train) -> float32`` from ``config.data``
+  (``metric_jax.data.augment.preprocess`` with the config's options)."""
+  from metric_jax.data import augment
+  d = config.data
+  size = None if d.image_size is None else (d.image_size, d.image_size)
+  fn = functools.partial(
+      augment.preprocess, output_size=size, center_crop=d.center_crop,
+      crop_scale=tuple(d.crop_scale),
+      random_resized_crop=d.random_resized_crop, flip=d.flip,
+      mean=None if d.mean is None else tuple(d.mean),
+      std=None if d.std is None else tuple(d.std))
+
+  def preprocess(images, rng, train):
+    return fn(images, rng, train=train)
+
+  return preprocess
+
+
+def compute_dtype(config) -> Any:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+
+
+def _assign(cfg: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict):
+      if key not in cfg or not isinstance(cfg[key], ml_collections.ConfigDict):
+        cfg[key] = ml_collections.ConfigDict()
+      _assign(cfg[key], value)
+    else:
+      cfg[key] = tuple(value) if isinstance(value, list) else value
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+  """A locked config from a stored ``config.json`` dict (on top of
+  :func:`base_config`, so every field keeps its type)."""
+  cfg = base_config()
+  _assign(cfg, values)
+  cfg.lock()
+  return cfg
+
+
+def config_from_workdir(workdir) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was started with."""
+  from metric_jax.training import checkpoint
+  stored = checkpoint.load_config(workdir)
+  if stored is None:
+    raise FileNotFoundError(
+        f"workdir {str(workdir)!r} has no {checkpoint.CONFIG_FILE}; pass --config.")
+  return config_from_dict(stored)
+
+
+def parse_config_arg(arg: str | None, allowed) -> set[str]:
+  """Options of a config string: ``"runlocal,contrastive"`` ->
+  ``{"runlocal", "contrastive"}``; unknown options raise ``ValueError``."""
+  opts = {a.strip() for a in (arg or "").split(",") if a.strip()}
+  unknown = opts - set(allowed)
+  if unknown:
+    raise ValueError(f"Unknown config option(s) {sorted(unknown)} in {arg!r}; "
+                     f"valid: {sorted(allowed)}.")
+  return opts
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_retrieval_config(dataset: str, *, num_train_steps: int, embedding_dim: int = 512,
+                           runlocal: bool = False) -> ml_collections.ConfigDict:
+  """The common protocol of the CUB-200 / Cars196 / SOP benchmarks (unlocked).
+
+  ResNet-50 (frozen BatchNorm, ImageNet weights via ``model.pretrained``),
+  an ``embedding_dim`` linear head, L2-normalised embeddings; PK batches of
+  32 classes x 4 images; training images resized to 256 on the host, then
+  RandomResizedCrop 224 (scale 0.16-1) and horizontal flips; evaluation on
+  the 224 centre crop of the 256 image (``center_crop=0.875``); ImageNet
+  mean/std; semi-hard triplet loss (margin 0.2); AdamW with cosine decay;
+  bf16 compute. With ``runlocal``: a width-8 ResNet-18 on 32x32 crops for a
+  few steps (tests and smoke runs on prepared or mock TFDS data).
+  """
+  c = base_config()
+  c.data.name = dataset
+  c.data.options = ml_collections.ConfigDict({
+      "data_dir": config_dict.placeholder(str),   # TFDS data_dir (None: TFDS default)
+      "image_size": 256,                         # host size of every image
+  })
+  c.data.image_size = 224
+  c.data.random_resized_crop = True
+  c.data.crop_scale = (0.16, 1.0)
+  c.data.flip = True
+  c.data.center_crop = 0.875
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  c.model.name = "resnet50"
+  c.model.embedding_dim = embedding_dim
+  c.model.kwargs = ml_collections.ConfigDict({"freeze_bn": True})
+  c.sampler.name = "m_per_class"
+  c.sampler.kwargs.m = 4
+  c.batch_size = 128
+  c.num_train_steps = num_train_steps
+  c.compute_dtype = "bfloat16"
+  c.loss.name = "triplet_margin_loss"
+  c.loss.kwargs = ml_collections.ConfigDict({"margin": 0.2, "mining": "semihard"})
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 500
+  c.eval.batch_size = 256
+  c.eval.every = 1000
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.projection = "pca"
+  if runlocal:
+    c.data.options.image_size = 40
+    c.data.image_size = 32
+    c.model.name = "resnet18"
+    c.model.kwargs.width = 8
+    c.model.embedding_dim = 16
+    c.batch_size = 8
+    c.num_train_steps = 4
+    c.compute_dtype = "float32"
+    c.optimizer.warmup_steps = 0
+    c.eval.batch_size = 8
+    c.eval.k_values = (1, 2, 4)
+    c.eval.every = 0
+    c.eval.clustering = False
+    c.log_every = 2
+    c.checkpoint_every = 2
+    c.progress_bar = False
+  return c

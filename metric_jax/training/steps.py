@@ -1,0 +1,235 @@
+"""The pure train step, the embedding forward pass, and their jitted,
+sharded forms.
+
+``train_step(state, batch, rng) -> (state, metrics)`` is one pure function:
+preprocessing and augmentation (on device), the forward pass, the objective
+on the *global* batch, gradients, the optimiser update. Jitted with
+:func:`jit_train_step` it follows big_vision: ``jax.eval_shape`` of the
+initial state gives the shardings, then ``jax.jit(..., in_shardings,
+out_shardings, donate_argnums=0)`` over the data mesh. Parameters are
+replicated and the batch is split over the ``"data"`` axis; because the
+loss is computed on the global array, negatives come from every device and
+the gradient is that of the single-device computation.
+
+Mixed precision: with ``compute_dtype=bfloat16`` the float parameters and
+images are cast to bf16 for the forward pass (master weights, optimiser
+state and BatchNorm statistics stay float32) and the embeddings are cast
+back to float32 before the loss.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "make_train_step",
+    "make_embed_fn",
+    "jit_train_step",
+    "jit_embed_fn",
+    "embed_source",
+    "prefetch",
+]
+
+import concurrent.futures
+import collections
+from typing import Any, Callable, Iterable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metric_jax import distances
+from metric_jax import sharding
+from metric_jax.training import state as state_lib
+
+# ``preprocess(images_uint8 [B, H, W, C], rng, train: bool) -> float32``.
+Preprocess = Callable[[jax.Array, jax.Array, bool], jax.Array]
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+  def cast(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, tree)
+
+
+def make_train_step(model: nn.Module, objective: Any,
+                    tx: optax.GradientTransformation, *,
+                    preprocess: Preprocess,
+                    schedule: Callable[[jax.Array], jax.Array] | None = None,
+                    compute_dtype: Any = jnp.float32,
+                    normalize_embeddings: bool = True) -> Callable:
+  """Builds the pure ``train_step(state, batch, rng) -> (state, metrics)``.
+
+  Args:
+    model: Flax module ``(images, train) -> [B, E]``.
+    objective: :class:`metric_jax.losses.Objective`.
+    tx: optimiser of ``{"model": params, "loss": loss_params}``.
+    preprocess: ``(images_uint8, rng, train) -> float32 images``, traced
+      inside the step (augmentation runs on device).
+    schedule: model learning-rate schedule, reported as ``learning_rate``.
+    compute_dtype: dtype of the forward pass (``jnp.float32`` or
+      ``jnp.bfloat16``).
+    normalize_embeddings: L2-normalise embeddings before the objective.
+
+  Returns:
+    ``train_step(state, batch, rng)`` with ``batch = {"images": uint8 [B, H,
+    W, C], "labels": int [B]}`` (optionally ``"where"``: bool [B]) and
+    ``rng`` the run's base key, folded with ``state.step`` inside. Metrics:
+    ``loss``, ``loss/<term>`` (unweighted), ``grad_norm``,
+    ``learning_rate``, ``embedding_norm`` (mean L2 norm of the raw
+    embeddings) and ``embedding_spread`` (mean distance of the normalised
+    embeddings to their centroid; near 0 means collapse).
+  """
+  compute_dtype = jnp.dtype(compute_dtype)
+
+  def train_step(state: state_lib.TrainState, batch: dict, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    aug_rng, dropout_rng = jax.random.split(step_rng)
+    images = preprocess(batch["images"], aug_rng, True)
+    labels = batch["labels"]
+    where = batch.get("where")
+
+    def loss_fn(tree):
+      params = tree["model"]
+      x = images
+      if compute_dtype != jnp.float32:
+        params = _cast_floats(params, compute_dtype)
+        x = x.astype(compute_dtype)
+      variables = {"params": params}
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      emb, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": dropout_rng})
+      emb = emb.astype(jnp.float32)
+      raw_norm = jnp.linalg.norm(emb, axis=-1)
+      if normalize_embeddings:
+        emb = distances.l2_normalize(emb)
+      total, terms = objective(emb, labels, tree["loss"], where=where)
+      return total, (terms, updates, emb, raw_norm)
+
+    tree = state_lib.trainable(state)
+    (total, (terms, updates, emb, raw_norm)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(tree)
+    opt_updates, opt_state = tx.update(grads, state.opt_state, tree)
+    tree = optax.apply_updates(tree, opt_updates)
+    batch_stats = updates.get("batch_stats", state.batch_stats)
+    new_state = state.replace(step=state.step + 1, params=tree["model"],
+                              batch_stats=batch_stats, loss_params=tree["loss"],
+                              opt_state=opt_state)
+    unit = distances.l2_normalize(emb)
+    metrics = {
+        "loss": total,
+        **{f"loss/{k}": v for k, v in terms.items()},
+        "grad_norm": optax.global_norm(grads),
+        "embedding_norm": jnp.mean(raw_norm),
+        "embedding_spread": jnp.mean(
+            jnp.linalg.norm(unit - jnp.mean(unit, axis=0, keepdims=True), axis=-1)),
+    }
+    if schedule is not None:
+      metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_embed_fn(model: nn.Module, *, preprocess: Preprocess,
+                  compute_dtype: Any = jnp.float32) -> Callable:
+  """Builds ``embed(params, batch_stats, images_uint8) -> float32 [B, E]``
+  (inference mode: BatchNorm running statistics, no augmentation)."""
+  compute_dtype = jnp.dtype(compute_dtype)
+
+  def embed(params, batch_stats, images):
+    x = preprocess(images, jax.random.key(0), False)
+    if compute_dtype != jnp.float32:
+      params = _cast_floats(params, compute_dtype)
+      x = x.astype(compute_dtype)
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    return model.apply(variables, x, train=False).astype(jnp.float32)
+
+  return embed
+
+
+def jit_train_step(train_step: Callable, abstract_state: Any,
+                   mesh: jax.sharding.Mesh) -> Callable:
+  """``jax.jit`` with replicated state, ``P("data")`` batch, donated state."""
+  state_sh = sharding.state_shardings(abstract_state, mesh)
+  rep = sharding.replicated(mesh)
+  return jax.jit(train_step,
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh), rep),
+                 out_shardings=(state_sh, rep),
+                 donate_argnums=(0,))
+
+
+def jit_embed_fn(embed: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """``jax.jit`` with replicated variables, ``P("data")`` images and a
+  replicated output (every process gets all embeddings)."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(embed, in_shardings=(rep, rep, sharding.batch_sharding(mesh)),
+                 out_shardings=rep)
+
+
+def prefetch(iterable: Iterable[Any], size: int = 2) -> Iterator[Any]:
+  """Evaluates the items of ``iterable`` in a background thread, ``size``
+  ahead (host data loading overlaps device compute). Order is preserved."""
+  iterator = iter(iterable)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    queue = collections.deque()
+    sentinel = object()
+
+    def nxt():
+      return next(iterator, sentinel)
+
+    for _ in range(size):
+      queue.append(pool.submit(nxt))
+    while True:
+      item = queue.popleft().result()
+      if item is sentinel:
+        return
+      queue.append(pool.submit(nxt))
+      yield item
+
+
+def embed_source(embed: Callable, params: Any, batch_stats: Any, source: Any,
+                 mesh: jax.sharding.Mesh, batch_size: int,
+                 indices: np.ndarray | None = None) -> np.ndarray:
+  """Embeds ``source`` (or ``source[indices]``) in fixed-size batches.
+
+  The last batch is padded by repeating its final index so that every call
+  has the same shape (one compilation); the padded rows are masked out
+  (dropped) on the host. BatchNorm runs in inference mode, so padding does
+  not change the other rows.
+
+  Args:
+    embed: the jitted function of :func:`jit_embed_fn`.
+    params, batch_stats: model variables.
+    source: anything with ``len()`` and ``images(indices) -> uint8``.
+    mesh: the data mesh.
+    batch_size: global batch size (divisible by the device count).
+    indices: optional subset of rows.
+
+  Returns:
+    float32 [N, E] NumPy array in the order of ``indices``.
+  """
+  sharding.check_batch_size(batch_size, mesh, "eval batch_size")
+  if indices is None:
+    indices = np.arange(len(source))
+  indices = np.asarray(indices)
+  if indices.size == 0:
+    raise ValueError("cannot embed an empty source.")
+  local = sharding.local_batch_slice(batch_size)
+
+  def batches():
+    for start in range(0, len(indices), batch_size):
+      idx = indices[start:start + batch_size]
+      padded = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
+      yield len(idx), np.asarray(source.images(padded[local]))
+
+  outs = []
+  for n_valid, images in prefetch(batches()):
+    out = embed(params, batch_stats, sharding.shard_batch(images, mesh))
+    outs.append((n_valid, out))
+  return np.concatenate([np.asarray(o)[:n] for n, o in outs], axis=0)

@@ -1,0 +1,377 @@
+"""Streaming losses equal the dense ones (values and gradients), for every
+label layout, with and without a reference set, with padding (``where``),
+and for tile sizes that do / do not divide the number of references.
+
+The dense losses are checked against NumPy loop references in
+tests/losses/; here every streaming loss is checked against its dense
+twin, plus the generic contract (jit, vmap, numerical gradients, degenerate
+batches, half precision), bounded memory, and the extra arguments
+(``tile_size``, ``ids``, ``max_positives``).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metric_jax as mj
+from metric_jax import streaming as st
+from tests.helpers import check_loss_contract, label_layouts, random_embeddings
+
+L = mj.losses
+B, M, D = 12, 10, 5
+
+# name -> (streaming loss, dense loss, kwargs for both, modes). Modes: "self"
+# compares the batch with itself, "ref" uses a reference set (kept to the
+# cases where it takes another code path, to bound compile time).
+# Hyper-parameters are scaled to the test data (distances ~ 3) so that every
+# loss is active.
+SELF, BOTH, REF = ("self",), ("self", "ref"), ("ref",)
+CASES = {
+    "contrastive": (st.streaming_contrastive_loss, L.contrastive_loss, {"neg_margin": 3.0},
+                    BOTH),
+    "contrastive_cosine_squared": (
+        st.streaming_contrastive_loss, L.contrastive_loss,
+        {"distance": "cosine", "pos_margin": 0.9, "neg_margin": 0.1, "squared": True,
+         "reduction": "mean"}, SELF),
+    "triplet_hard": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+                     {"mining": "hard", "margin": 1.0}, BOTH),
+    "triplet_easy_swap_soft": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+                               {"mining": "easy", "swap": True, "soft": True,
+                                "reduction": "sum"}, SELF),
+    "triplet_all": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+                    {"mining": "all", "margin": 1.0, "max_positives": 12}, SELF),
+    "triplet_all_swap_soft_cosine": (
+        st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+        {"mining": "all", "swap": True, "soft": True, "distance": "cosine",
+         "max_positives": 12, "reduction": "mean"}, BOTH),
+    "triplet_semihard": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+                         {"mining": "semihard", "margin": 1.0, "max_positives": 12}, SELF),
+    "triplet_semihard_hardest": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+                                 {"mining": "semihard", "band_select": "hardest",
+                                  "margin": 1.0, "max_positives": 12}, SELF),
+    "triplet_semihard_tf": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+                            {"mining": "semihard", "semihard": "tf", "margin": 1.0,
+                             "max_positives": 12, "reduction": "mean"}, BOTH),
+    "lifted": (st.streaming_lifted_structure_loss, L.lifted_structure_loss, {}, BOTH),
+    "lifted_pml": (st.streaming_lifted_structure_loss, L.lifted_structure_loss,
+                   {"empty_lse": "zero", "ref_negatives": "pml", "distance": "cosine",
+                    "reduction": "mean_nonzero"}, BOTH),
+    "lifted_anchor_only": (st.streaming_lifted_structure_loss, L.lifted_structure_loss,
+                           {"ref_negatives": "anchor_only", "reduction": "sum"}, REF),
+    "generalized_lifted": (st.streaming_generalized_lifted_structure_loss,
+                           L.generalized_lifted_structure_loss, {}, BOTH),
+    "generalized_lifted_zero": (st.streaming_generalized_lifted_structure_loss,
+                                L.generalized_lifted_structure_loss,
+                                {"empty_lse": "zero", "reduction": "mean_nonzero"}, SELF),
+    "multi_similarity": (st.streaming_multi_similarity_loss, L.multi_similarity_loss,
+                         {"beta": 10.0}, BOTH),
+    "multi_similarity_euclidean": (st.streaming_multi_similarity_loss,
+                                   L.multi_similarity_loss,
+                                   {"distance": "euclidean", "base": 2.0, "alpha": 1.0,
+                                    "beta": 3.0, "reduction": "sum"}, SELF),
+    "circle": (st.streaming_circle_loss, L.circle_loss, {"gamma": 16.0}, BOTH),
+    "ntxent": (st.streaming_ntxent_loss, L.ntxent_loss, {"temperature": 0.5}, BOTH),
+    "ntxent_euclidean": (st.streaming_ntxent_loss, L.ntxent_loss,
+                         {"temperature": 2.0, "distance": "euclidean",
+                          "reduction": "mean_nonzero"}, SELF),
+    "supcon": (st.streaming_supcon_loss, L.supcon_loss, {"temperature": 0.5}, BOTH),
+    "npair": (st.streaming_npair_loss, L.npair_loss, {}, BOTH),
+    "npair_all_cosine": (st.streaming_npair_loss, L.npair_loss,
+                         {"pairs_per_class": "all", "distance": "cosine", "l2_reg": 0.0},
+                         SELF),
+}
+
+
+def _tile(name: str, salt: int, n: int) -> int:
+  """A pseudo-random tile size in [1, n + 2] that differs across cases."""
+  return 1 + zlib.crc32(f"{name}/{salt}".encode()) % (n + 2)
+
+
+def test_tiles_cover_divisors_and_non_divisors():
+  tiles_b = {_tile(n, 0, B) for n, c in CASES.items() if "self" in c[3]}
+  tiles_m = {_tile(n, 1, M) for n, c in CASES.items() if "ref" in c[3]}
+  assert any(B % t for t in tiles_b) and any(B % t == 0 for t in tiles_b)
+  assert any(t >= B for t in tiles_b)        # one tile: residuals kept, no recompute
+  assert any(M % t for t in tiles_m) and any(t > M for t in tiles_m)
+
+
+def _inputs():
+  x = random_embeddings(0, B, D)
+  ref = random_embeddings(1, M, D)
+  ref_labels = np.array([0, 1, 1, 2, 3, 3, 3, 5, 9, 0], np.int32)
+  return x, ref, ref_labels
+
+
+def _check_close(got, want, what):
+  vs, gs = got
+  vd, gd = want
+  if np.isnan(float(vd)):
+    assert np.isnan(float(vs)), f"{what}: dense is NaN, streaming {vs}"
+    return
+  np.testing.assert_allclose(float(vs), float(vd), rtol=2e-5, atol=1e-6, err_msg=what)
+  for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gd)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6,
+                               err_msg=what)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_streaming_equals_dense(name):
+  s_fn, d_fn, kw, modes = CASES[name]
+  x, ref, ref_labels = _inputs()
+  layouts = label_layouts(B)
+  all_valid = np.ones(B, bool)
+  padded = np.arange(B) < B - 3
+  x_nan_pad = x.copy()
+  x_nan_pad[B - 3:] = np.nan
+  x_nan = x.copy()
+  x_nan[0, 1] = np.nan
+
+  if "self" in modes:
+    _check_self(name, s_fn, d_fn, kw, x, x_nan, x_nan_pad, all_valid, padded, layouts)
+  if "ref" in modes:
+    _check_ref(name, s_fn, d_fn, kw, x, ref, ref_labels, padded, layouts)
+
+
+def _check_self(name, s_fn, d_fn, kw, x, x_nan, x_nan_pad, all_valid, padded, layouts):
+  """Without a reference set: loss(x, labels, where), grad wrt x."""
+  t = _tile(name, 0, B)
+  fs = jax.jit(jax.value_and_grad(lambda e, l, w: s_fn(e, l, where=w, tile_size=t, **kw)))
+  fd = jax.jit(jax.value_and_grad(lambda e, l, w: d_fn(e, l, where=w, **kw)))
+  for lay, labels in layouts.items():
+    for emb, where, what in ((x, all_valid, "plain"), (x_nan_pad, padded, "where")):
+      _check_close(fs(emb, labels, where), fd(emb, labels, where),
+                   f"{name} tile={t} {lay} {what}")
+  labels = layouts["m_per_class"]
+  vs, vd = fs(x_nan, labels, all_valid)[0], fd(x_nan, labels, all_valid)[0]
+  assert np.isnan(float(vd)) and np.isnan(float(vs)), "NaN input must not be hidden"
+
+
+def _check_ref(name, s_fn, d_fn, kw, x, ref, ref_labels, padded, layouts):
+  """With a reference set: grads wrt anchors and references."""
+  t = _tile(name, 1, M)
+  ref_where = np.arange(M) != 4
+  fs = jax.jit(jax.value_and_grad(
+      lambda e, l, r, rl, w: s_fn(e, l, r, rl, where=w, ref_where=ref_where, tile_size=t,
+                                  **kw), argnums=(0, 2)))
+  fd = jax.jit(jax.value_and_grad(
+      lambda e, l, r, rl, w: d_fn(e, l, r, rl, where=w, ref_where=ref_where, **kw),
+      argnums=(0, 2)))
+  for lay, labels in layouts.items():
+    _check_close(fs(x, labels, ref, ref_labels, padded),
+                 fd(x, labels, ref, ref_labels, padded), f"{name} ref tile={t} {lay}")
+
+
+@pytest.mark.parametrize("name", ["contrastive", "triplet_all", "lifted"])
+def test_extreme_tile_sizes(name):
+  """One column per tile, exactly B, and more than B (one padded tile)."""
+  s_fn, d_fn, kw, _ = CASES[name]
+  x = jnp.asarray(random_embeddings(3, B, D))
+  labels = jnp.asarray(label_layouts(B)["with_singletons"])
+  want = jax.jit(jax.value_and_grad(lambda e: d_fn(e, labels, **kw)))(x)
+  for t in (1, B, 3 * B + 1):
+    got = jax.jit(jax.value_and_grad(lambda e, t=t: s_fn(e, labels, tile_size=t, **kw)))(x)
+    _check_close(got, want, f"{name} tile={t}")
+
+
+def test_default_tile_size_is_bounded():
+  from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
+  assert _engine.default_tile(12, 12) == 12
+  assert _engine.default_tile(32768, 32768) * 32768 <= _engine.TILE_ELEMENTS
+  assert _engine.default_tile(32768, 32768, per_column=3) < _engine.default_tile(32768, 32768)
+  assert _engine.default_tile(1 << 30, 100) >= 1
+
+
+def _contract_sum(reduction=None):
+  """A sum of streaming losses covering the engine's paths: argmax selection
+  with directly recomputed pair distances (batch-hard), first-positive
+  gathering with a streamed [B, P, T] sum (batch-all), online log-sum-exps
+  (multi-similarity). One sum keeps the number of compilations down."""
+  red = {} if reduction is None else {"reduction": reduction}
+
+  def total(e, l, **kw):
+    return (st.streaming_triplet_margin_loss(e, l, mining="hard", margin=1.0,
+                                             tile_size=7, **red, **kw)
+            + st.streaming_triplet_margin_loss(e, l, mining="all", margin=1.0,
+                                               max_positives=12, tile_size=5, **red, **kw)
+            + st.streaming_multi_similarity_loss(e, l, beta=10.0, tile_size=5, **kw))
+  return total
+
+
+def test_contract():
+  # Jitted: eager calls would recompile every scan on every call.
+  check_loss_contract(jax.jit(_contract_sum()), grad_loss_fn=jax.jit(_contract_sum("mean")),
+                      zero_without_positives=False)
+
+
+def test_no_positives_gives_zero_where_dense_does():
+  x = jnp.asarray(random_embeddings(4, B, D))
+  singles = jnp.arange(B)
+  for name in ("triplet_hard", "triplet_all", "lifted", "generalized_lifted", "circle",
+               "ntxent", "supcon", "npair"):
+    s_fn, _, kw, _ = CASES[name]
+    val, grad = jax.jit(jax.value_and_grad(lambda e: s_fn(e, singles, tile_size=5, **kw)))(x)
+    assert float(val) == 0.0 and float(jnp.abs(grad).max()) == 0.0, name
+
+
+def test_hyper_parameter_and_learned_metric_gradients():
+  """Traced margins and the parameters of a learned metric closed over by
+  ``distance`` get the dense gradients (they cross the custom VJP through
+  closure conversion)."""
+  x = jnp.asarray(random_embeddings(5, B, D))
+  labels = jnp.asarray(label_layouts(B)["m_per_class"])
+  w0 = jnp.asarray(np.random.default_rng(0).normal(size=(D, 3)).astype(np.float32))
+
+  def metric(w):
+    return mj.distances.custom(lambda a, b: mj.distances.pairwise(a @ w, b @ w))
+
+  for s_fn, d_fn, kw, hyper in (
+      (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
+       {"mining": "all", "max_positives": 3}, "margin"),
+      (st.streaming_multi_similarity_loss, L.multi_similarity_loss, {"beta": 5.0}, "base"),
+      (st.streaming_contrastive_loss, L.contrastive_loss, {}, "neg_margin")):
+    def obj(fn, w, h, tile=None):
+      extra = {} if tile is None else {"tile_size": tile}
+      return fn(x, labels, distance=metric(w), **{hyper: h}, **kw, **extra)
+
+    gs = jax.jit(jax.grad(lambda w, h: obj(s_fn, w, h, 5), argnums=(0, 1)))(w0, 1.5)
+    gd = jax.jit(jax.grad(lambda w, h: obj(d_fn, w, h), argnums=(0, 1)))(w0, 1.5)
+    assert float(jnp.abs(gd[0]).max()) > 0 and float(gd[1]) != 0
+    for a, b in zip(gs, gd):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
+def test_ids_exclude_self_pairs_in_a_reference_copy():
+  """A reference set that contains the anchors themselves, with ids, equals
+  the batch compared with itself."""
+  x = jnp.asarray(random_embeddings(6, B, D))
+  labels = jnp.asarray(label_layouts(B)["with_singletons"])
+  ids = jnp.arange(B)
+  for name in ("contrastive", "triplet_all", "supcon"):
+    s_fn, d_fn, kw, _ = CASES[name]
+    # "mean" counts the zero-cost self positives that "mean_nonzero" skips.
+    kw = dict(kw, reduction="mean")
+    want = d_fn(x, labels, **kw)
+    f = jax.jit(lambda i, ri, s_fn=s_fn, kw=kw: s_fn(x, labels, x, labels, ids=i, ref_ids=ri,
+                                                     tile_size=5, **kw))
+    np.testing.assert_allclose(float(f(ids, ids)), float(want), rtol=2e-5, err_msg=name)
+    # Disjoint ids: each anchor is its own positive at distance 0.
+    without = f(ids, ids + B)
+    assert abs(float(without) - float(want)) > 1e-4, name
+
+
+def test_pair_mask_matches_dense():
+  x = jnp.asarray(random_embeddings(7, B, D))
+  labels = jnp.asarray(label_layouts(B)["m_per_class"])
+  pm = jnp.asarray(np.random.default_rng(1).random((B, B)) < 0.6)
+  for name in ("contrastive", "triplet_hard", "ntxent"):
+    s_fn, d_fn, kw, _ = CASES[name]
+    got = jax.jit(jax.value_and_grad(
+        lambda e: s_fn(e, labels, pair_mask=pm, tile_size=5, **kw)))(x)
+    want = jax.jit(jax.value_and_grad(lambda e: d_fn(e, labels, pair_mask=pm, **kw)))(x)
+    _check_close(got, want, name)
+
+
+def test_more_positives_than_max_positives_is_nan():
+  x = jnp.asarray(random_embeddings(8, B, D))
+  labels = jnp.asarray(label_layouts(B)["m_per_class"])     # 2 positives per anchor
+  for mining in ("all", "semihard"):
+    f = jax.jit(functools.partial(st.streaming_triplet_margin_loss, mining=mining),
+                static_argnames="max_positives")
+    assert np.isfinite(float(f(x, labels, max_positives=2)))
+    assert np.isnan(float(f(x, labels, max_positives=1)))
+    assert np.isnan(float(L.triplet_margin_loss(x, labels, mining=mining, max_positives=1)))
+
+
+def test_reduction_none_per_anchor():
+  x = jnp.asarray(random_embeddings(9, B, D))
+  labels = jnp.asarray(label_layouts(B)["with_singletons"])
+  for name in ("triplet_hard", "generalized_lifted", "multi_similarity", "circle", "supcon",
+               "npair"):
+    s_fn, d_fn, kw, _ = CASES[name]
+    kw = dict(kw, reduction="none")
+    got = jax.jit(lambda e, l, s_fn=s_fn, kw=kw: s_fn(e, l, tile_size=5, **kw))(x, labels)
+    want = d_fn(x, labels, **kw)
+    assert got.shape == (B,)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-6,
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["contrastive", "triplet_all", "lifted"])
+def test_memory_is_bounded_by_the_tile(name):
+  """At B = 4096 the compiled forward+backward plans less temporary memory
+  than a single [B, B] float32 matrix (64 MiB): the dense loss plans several."""
+  s_fn, d_fn, kw, _ = CASES[name]
+  b, d, tile = 4096, 16, 128
+  emb = jax.ShapeDtypeStruct((b, d), jnp.float32)
+  labels = jnp.asarray(np.repeat(np.arange(b // 4), 4).astype(np.int32))
+  if "max_positives" in kw:        # [B, P, T] blocks: P times fewer columns
+    kw, tile = dict(kw, max_positives=3), tile // 2
+
+  def temp(fn):
+    compiled = jax.jit(jax.value_and_grad(lambda e: fn(e, labels))).lower(emb).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+      pytest.skip("backend without memory analysis")
+    return stats.temp_size_in_bytes
+
+  matrix = b * b * 4
+  streamed = temp(functools.partial(s_fn, tile_size=tile, **kw))
+  assert streamed < matrix / 4, (streamed, matrix)
+  if name == "contrastive":
+    assert temp(functools.partial(d_fn, **kw)) > matrix
+
+
+def test_bad_inputs():
+  x = jnp.ones((4, 3))
+  y = jnp.array([0, 0, 1, 1])
+  with pytest.raises(ValueError, match="max_positives"):
+    st.streaming_triplet_margin_loss(x, y, mining="all")
+  with pytest.raises(TypeError, match="max_positives"):
+    st.streaming_triplet_margin_loss(x, y, mining="all", max_positives=2.0)
+  with pytest.raises(ValueError, match="reduction"):
+    st.streaming_contrastive_loss(x, y, reduction="none")
+  with pytest.raises(ValueError, match="reduction"):
+    st.streaming_triplet_margin_loss(x, y, mining="all", max_positives=1, reduction="none")
+  with pytest.raises(ValueError, match="reduction"):
+    st.streaming_ntxent_loss(x, y, reduction="mean_all")
+  with pytest.raises(ValueError, match="tile_size"):
+    st.streaming_multi_similarity_loss(x, y, tile_size=0)
+  with pytest.raises(TypeError, match="tile_size"):
+    st.streaming_supcon_loss(x, y, tile_size=2.5)
+  with pytest.raises(ValueError, match="ids"):
+    st.streaming_contrastive_loss(x, y, ids=jnp.arange(4), ref_ids=jnp.arange(4))
+  with pytest.raises(ValueError, match="ref_ids"):
+    st.streaming_contrastive_loss(x, y, x, y, ids=jnp.arange(4))
+  with pytest.raises(ValueError, match="ref_ids"):
+    st.streaming_contrastive_loss(x, y, x, y, ids=jnp.arange(4), ref_ids=jnp.arange(3))
+  with pytest.raises(ValueError, match="axis_name"):
+    st.streaming_circle_loss(x, y, x, y, axis_name="data")
+  with pytest.raises(ValueError, match="distance"):
+    st.streaming_circle_loss(x, y, distance="euclidean")
+  with pytest.raises(ValueError, match="labels"):
+    st.streaming_lifted_structure_loss(x, y[:3])
+  with pytest.raises(TypeError, match="embeddings"):
+    st.streaming_npair_loss(jnp.ones((4, 3), jnp.int32), y)
+  with pytest.raises(ValueError, match="ref_labels"):
+    st.streaming_generalized_lifted_structure_loss(x, y, x)
+  with pytest.raises(ValueError, match="mining"):
+    st.streaming_triplet_margin_loss(x, y, mining="hardest")
+  with pytest.raises(ValueError, match="ref_negatives"):
+    st.streaming_lifted_structure_loss(x, y, ref_negatives="both")
+
+
+def test_exported():
+  assert set(st.__all__) >= {
+      "streaming_contrastive_loss", "streaming_triplet_margin_loss",
+      "streaming_lifted_structure_loss", "streaming_generalized_lifted_structure_loss",
+      "streaming_multi_similarity_loss", "streaming_circle_loss", "streaming_ntxent_loss",
+      "streaming_supcon_loss", "streaming_npair_loss", "sharded_loss"}
+  for name in st.__all__:
+    fn = getattr(st, name)
+    assert fn.__doc__ and "Example:" in fn.__doc__ and "{common}" not in fn.__doc__, name
