@@ -15,8 +15,12 @@ Launch:
 Options of the config string (comma-separated): ``contrastive`` (instead of
 semi-hard triplet), ``runlocal`` (a few steps, for tests).
 
-Expected: see the training report (P@1 and MAP@R on the 13,180 evaluation
-images after 2,000 steps of batch 128, 32 characters x 4 drawings).
+Expected (13,180 evaluation images, 659 unseen characters; batch 128 = 32
+characters x 4 drawings, conv-4 ConvNet, 64-d, semi-hard triplet):
+  2,000 steps on one H100: P@1 77.1, MAP@R 42.0, NMI 87.2; the whole job
+    takes ~35 s (45-57k training images/s).
+  300 steps on 2 shared CPU cores (--config.num_train_steps=300): P@1 60.8,
+    MAP@R 26.8, NMI 79.4; ~55 training images/s, ~14 minutes in all.
 """
 
 from ml_collections import config_dict

@@ -18,7 +18,9 @@ nearest centre, lower centre index on ties; move every centre to the mean of
 its points) until ``num_iters`` or until the total squared centre shift is
 ``<= tol * mean_d Var(x_d)`` (scikit-learn's tolerance), inside a
 ``lax.while_loop``. The run with the lowest inertia among ``num_restarts``
-is kept (the first on ties).
+is kept (the first on ties). Computation is in float32 on data centred on the
+mean of the valid points (so the ``||x||^2 + ||c||^2 - 2 x.c`` expansion used
+for assignments cancels less); the reported inertia uses direct differences.
 
 Degenerate cases (never NaN):
 
@@ -185,6 +187,7 @@ def _kmeans_impl(x, valid, key, init_centers, tol, num_iters, *, num_clusters, n
     # Inertia from direct differences (exact up to rounding, no cancellation).
     inertia = jnp.sum(jnp.where(valid, jnp.sum((x - centers[a]) ** 2, axis=1), 0.0))
     return centers + mean, jnp.where(valid, a, -1), inertia, it
+
   # Restart i uses fold_in(key, i): a single run equals restart 0 of a multi-restart call.
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_restarts))
 

@@ -447,36 +447,39 @@ def _positions_from_knn(rel: jax.Array) -> jax.Array:
   return jnp.sort(jnp.where(rel, pos, _FAR), axis=1)
 
 
-def _metrics_from_positions(pos: jax.Array, num_rel: jax.Array, k_values: Sequence[int],
-                            metrics: Sequence[str]) -> dict[str, jax.Array]:
+def _metrics_from_positions(pos, num_rel, k_values: Sequence[int], metrics: Sequence[str],
+                            xp=jnp) -> dict[str, Any]:
   """Per-query metric values from the ascending positions of the relevant items.
+
+  One implementation for both callers: ``xp=jnp`` (float32, jittable) and
+  ``xp=np`` (float64, the host means of :func:`retrieval_metrics`).
 
   Args:
     pos: [Q, S] ascending 1-based positions of the relevant items (``_FAR``
       for padding / unknown).
     num_rel: [Q] R per query.
   """
-  n_q, s = pos.shape
+  fdt = np.float64 if xp is np else jnp.float32
   r = num_rel[:, None]
-  rank = lax.broadcasted_iota(jnp.int32, pos.shape, 1) + 1  # i: rank among relevant
+  rank = xp.arange(1, pos.shape[1] + 1, dtype=np.int32)[None, :]  # i: rank among relevant
   is_rel = rank <= r
-  safe_r = jnp.maximum(num_rel, 1).astype(jnp.float32)
-  inv_pos = jnp.where(is_rel & (pos < _FAR), 1.0 / pos.astype(jnp.float32), 0.0)
-  prec_i = rank.astype(jnp.float32) * inv_pos  # precision at the i-th relevant item
+  safe_r = xp.maximum(num_rel, 1).astype(fdt)
+  inv_pos = xp.where(is_rel & (pos < _FAR), 1.0 / pos.astype(fdt), 0.0).astype(fdt)
+  prec_i = rank.astype(fdt) * inv_pos  # precision at the i-th relevant item
   within_r = is_rel & (pos <= r)
   first = pos[:, 0]
   out = {}
   if "precision_at_1" in metrics:
-    out["precision_at_1"] = (first == 1).astype(jnp.float32)
+    out["precision_at_1"] = (first == 1).astype(fdt)
   if "recall_at_k" in metrics:
     for k in k_values:
-      out[f"recall_at_{k}"] = (first <= k).astype(jnp.float32)
+      out[f"recall_at_{k}"] = (first <= k).astype(fdt)
   if "r_precision" in metrics:
-    out["r_precision"] = jnp.sum(within_r, axis=1).astype(jnp.float32) / safe_r
+    out["r_precision"] = xp.sum(within_r, axis=1).astype(fdt) / safe_r
   if "map_at_r" in metrics:
-    out["map_at_r"] = jnp.sum(jnp.where(within_r, prec_i, 0.0), axis=1) / safe_r
+    out["map_at_r"] = xp.sum(xp.where(within_r, prec_i, 0.0), axis=1) / safe_r
   if "mean_average_precision" in metrics:
-    out["mean_average_precision"] = jnp.sum(prec_i, axis=1) / safe_r
+    out["mean_average_precision"] = xp.sum(prec_i, axis=1) / safe_r
   if "mean_reciprocal_rank" in metrics:
     out["mean_reciprocal_rank"] = inv_pos[:, 0]
   return out
@@ -519,11 +522,14 @@ def _full_ranking_positions(query, gallery, query_labels, gallery_labels, *, max
   return pos, num_rel
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "max_r", "k_values", "metric", "chunk_size", "exclude_self", "is_sim", "metrics",
-    "normalize"))
-def _per_query_impl(query, query_labels, gallery, gallery_labels, *, max_r, k_values, metric,
+_STATIC = ("max_r", "k_values", "metric", "chunk_size", "exclude_self", "is_sim", "metrics",
+           "normalize")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _positions_impl(query, query_labels, gallery, gallery_labels, *, max_r, k_values, metric,
                     chunk_size, exclude_self, is_sim, metrics, normalize):
+  """([Q, S] ascending positions of the relevant items, [Q] R)."""
   if normalize:
     query = distances.l2_normalize(query.astype(jnp.float32))
     gallery = query if gallery is None else distances.l2_normalize(gallery.astype(jnp.float32))
@@ -532,64 +538,30 @@ def _per_query_impl(query, query_labels, gallery, gallery_labels, *, max_r, k_va
   if gallery_labels is None:
     gallery_labels = query_labels
   if any(m in FULL_RANKING_METRICS for m in metrics):
-    pos, num_rel = _full_ranking_positions(
+    return _full_ranking_positions(
         query, gallery, query_labels, gallery_labels, max_r=max(max_r, 1), metric=metric,
         chunk_size=chunk_size, exclude_self=exclude_self, is_sim=is_sim)
-  else:
-    need_r = any(m in _NEEDS_R for m in metrics)
-    k = max(max(k_values), max_r if need_r else 1)
-    idx, _ = _knn_impl(query, gallery, k=k, metric=metric, chunk_size=chunk_size,
-                       exclude_self=exclude_self, is_sim=is_sim)
-    pos = _positions_from_knn(gallery_labels[idx] == query_labels[:, None])
-    num_rel, _ = _relevant_sets(query_labels, gallery_labels, exclude_self, 1)
-  out = _metrics_from_positions(pos, num_rel, k_values, metrics)
+  need_r = any(m in _NEEDS_R for m in metrics)
+  k = max(max(k_values), max_r if need_r else 1)
+  idx, _ = _knn_impl(query, gallery, k=k, metric=metric, chunk_size=chunk_size,
+                     exclude_self=exclude_self, is_sim=is_sim)
+  pos = _positions_from_knn(gallery_labels[idx] == query_labels[:, None])
+  num_rel, _ = _relevant_sets(query_labels, gallery_labels, exclude_self, 1)
+  return pos, num_rel
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _per_query_impl(*args, **kwargs):
+  pos, num_rel = _positions_impl(*args, **kwargs)
+  out = _metrics_from_positions(pos, num_rel, kwargs["k_values"], kwargs["metrics"])
   out["num_relevant"] = num_rel
   out["valid"] = num_rel > 0
   return out
 
 
-def retrieval_per_query(query: jax.Array, query_labels: jax.Array,
-                        gallery: jax.Array | None = None,
-                        gallery_labels: jax.Array | None = None, *, max_r: int,
-                        k_values: Sequence[int] = (1, 2, 4, 8),
-                        metric: distances.MetricLike = "euclidean", normalize: bool = True,
-                        chunk_size: int = 1024, metrics: Iterable[str] | None = None,
-                        exclude_self: bool | None = None) -> dict[str, jax.Array]:
-  """Per-query retrieval metrics; jittable (the jit-friendly core of
-  :func:`retrieval_metrics`).
-
-  See the module docstring for the formulas. Average a metric over the
-  queries with ``valid`` True (queries with at least one relevant gallery
-  item).
-
-  Args:
-    query: [Q, D] float array.
-    query_labels: [Q] integer labels.
-    gallery: [G, D] float array, or None (query set = gallery, self excluded).
-    gallery_labels: [G] integer labels (required with ``gallery``).
-    max_r: static upper bound on R, the number of relevant gallery items of
-      a query (the largest gallery class count, minus one in query-is-gallery
-      mode). Results are wrong for queries with R > ``max_r``.
-    k_values: static ks of ``recall_at_{k}``.
-    metric: a :mod:`metric_jax.distances` name or callable.
-    normalize: L2-normalise query and gallery first.
-    chunk_size: queries per chunk.
-    metrics: names among ``KNN_METRICS + FULL_RANKING_METRICS`` (None: all).
-    exclude_self: as in :func:`knn`.
-
-  Returns:
-    dict of [Q] arrays: one float32 array per metric (``recall_at_{k}`` per
-    k), ``num_relevant`` (int32 R) and ``valid`` (bool, R > 0).
-
-  Example:
-    >>> import jax, jax.numpy as jnp, metric_jax.evaluation as ev
-    >>> x = jnp.array([[0.], [1.], [3.], [4.]])
-    >>> y = jnp.array([0, 1, 0, 1])
-    >>> f = jax.jit(lambda x, y: ev.retrieval_per_query(
-    ...     x, y, max_r=1, k_values=(1,), normalize=False, metrics=("precision_at_1",)))
-    >>> f(x, y)["precision_at_1"].tolist()
-    [0.0, 0.0, 0.0, 0.0]
-  """
+def _prepare(query, query_labels, gallery, gallery_labels, *, max_r, k_values, metric,
+             normalize, chunk_size, metrics, exclude_self):
+  """Validates the arguments of the per-query functions; returns (args, static kwargs)."""
   query, query_labels, gallery, gallery_labels = map(
       _as_array, (query, query_labels, gallery, gallery_labels))
   _checks.embeddings(query, "query")
@@ -619,12 +591,61 @@ def retrieval_per_query(query: jax.Array, query_labels: jax.Array,
         f"({available}), got max k = {max(k_values)}.")
   if max_r > available:
     raise ValueError(f"`max_r` must be at most {available} (the retrievable gallery), got {max_r}.")
-  return _per_query_impl(
-      jnp.asarray(query), jnp.asarray(query_labels),
-      None if gallery is None else jnp.asarray(gallery),
-      None if gallery_labels is None else jnp.asarray(gallery_labels),
-      max_r=int(max_r), k_values=k_values, metric=metric, chunk_size=int(chunk_size),
-      exclude_self=excl, is_sim=is_sim, metrics=metrics, normalize=bool(normalize))
+  args = (jnp.asarray(query), jnp.asarray(query_labels),
+          None if gallery is None else jnp.asarray(gallery),
+          None if gallery_labels is None else jnp.asarray(gallery_labels))
+  static = dict(max_r=int(max_r), k_values=k_values, metric=metric, chunk_size=int(chunk_size),
+                exclude_self=excl, is_sim=is_sim, metrics=metrics, normalize=bool(normalize))
+  return args, static
+
+
+def retrieval_per_query(query: jax.Array, query_labels: jax.Array,
+                        gallery: jax.Array | None = None,
+                        gallery_labels: jax.Array | None = None, *, max_r: int,
+                        k_values: Sequence[int] = (1, 2, 4, 8),
+                        metric: distances.MetricLike = "euclidean", normalize: bool = True,
+                        chunk_size: int = 1024, metrics: Iterable[str] | None = None,
+                        exclude_self: bool | None = None) -> dict[str, jax.Array]:
+  """Per-query retrieval metrics; jittable (the jit-friendly core of
+  :func:`retrieval_metrics`).
+
+  See the module docstring for the formulas. Average a metric over the
+  queries with ``valid`` True (queries with at least one relevant gallery
+  item). Per-query values are float32 here (the host function
+  :func:`retrieval_metrics` redoes the final arithmetic in float64).
+
+  Args:
+    query: [Q, D] float array.
+    query_labels: [Q] integer labels.
+    gallery: [G, D] float array, or None (query set = gallery, self excluded).
+    gallery_labels: [G] integer labels (required with ``gallery``).
+    max_r: static upper bound on R, the number of relevant gallery items of
+      a query (the largest gallery class count, minus one in query-is-gallery
+      mode). Results are wrong for queries with R > ``max_r``.
+    k_values: static ks of ``recall_at_{k}``.
+    metric: a :mod:`metric_jax.distances` name or callable.
+    normalize: L2-normalise query and gallery first.
+    chunk_size: queries per chunk.
+    metrics: names among ``KNN_METRICS + FULL_RANKING_METRICS`` (None: all).
+    exclude_self: as in :func:`knn`.
+
+  Returns:
+    dict of [Q] arrays: one float32 array per metric (``recall_at_{k}`` per
+    k), ``num_relevant`` (int32 R) and ``valid`` (bool, R > 0).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax.evaluation as ev
+    >>> x = jnp.array([[0.], [1.], [3.], [4.]])
+    >>> y = jnp.array([0, 1, 0, 1])
+    >>> f = jax.jit(lambda x, y: ev.retrieval_per_query(
+    ...     x, y, max_r=1, k_values=(1,), normalize=False, metrics=("precision_at_1",)))
+    >>> f(x, y)["precision_at_1"].tolist()
+    [0.0, 0.0, 0.0, 0.0]
+  """
+  args, static = _prepare(query, query_labels, gallery, gallery_labels, max_r=max_r,
+                          k_values=k_values, metric=metric, normalize=normalize,
+                          chunk_size=chunk_size, metrics=metrics, exclude_self=exclude_self)
+  return _per_query_impl(*args, **static)
 
 
 # --------------------------------------------------------------------------
@@ -742,14 +763,16 @@ def retrieval_metrics(query: Any, query_labels: Any, gallery: Any | None = None,
   num_rel = counts[qcodes] - int(excl)
   max_r = int(num_rel.max()) if n_q else 0
 
-  per_q = retrieval_per_query(
+  args, static = _prepare(
       query, qcodes, gallery, None if gallery is None else gcodes, max_r=max_r,
       k_values=k_values, metric=metric, normalize=normalize, chunk_size=chunk_size,
       metrics=metrics, exclude_self=excl)
-  per_q = jax.device_get(per_q)
-  valid = np.asarray(per_q.pop("valid"))
-  per_q.pop("num_relevant")
+  pos, num_rel_q = jax.device_get(_positions_impl(*args, **static))
+  # Per-query arithmetic in float64 on the host (the same formulas as under jit).
+  per_q = _metrics_from_positions(np.asarray(pos), np.asarray(num_rel_q), k_values, metrics,
+                                  xp=np)
   per_q = {name: per_q[name] for name in _output_names(metrics, k_values)}
+  valid = num_rel > 0
   n_valid = int(valid.sum())
   out: dict[str, float] = {}
   for name, vals in per_q.items():

@@ -23,8 +23,6 @@ Classes with fewer than K examples: k-means then returns duplicated centres
 sampler never draws them and prediction ignores them.
 """
 
-from __future__ import annotations
-
 import functools
 from typing import NamedTuple
 

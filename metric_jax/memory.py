@@ -35,8 +35,6 @@ References:
   CVPR 2020, arXiv 1912.06798.
 """
 
-from __future__ import annotations
-
 __all__ = ["MemoryState", "CrossBatchMemory", "cross_batch_memory", "update",
            "enqueue_slots", "with_memory"]
 

@@ -71,11 +71,14 @@ def _gathered(s, r, pos, neg, k, c, p):
   p = min(p, m)
   # Slot k holds the (k+1)-th positive column of the row, found by p argmax
   # passes (no sort or cumsum: top_k, argsort and scans are slow on CPU).
-  cols = jnp.arange(m)[None, :]
-  slots, last = [], jnp.full((b, 1), -1)
+  # The first column after ``last`` is a plain max-reduce of -column (a
+  # vectorised reduction, unlike argmax); past the last positive it is m,
+  # clamped to a valid index and masked by ``p_valid``.
+  cols = jnp.arange(m, dtype=jnp.int32)[None, :]
+  slots, last = [], jnp.full((b, 1), -1, jnp.int32)
   for _ in range(p):
-    last = jnp.argmax(pos & (cols > last), axis=1, keepdims=True)
-    slots.append(last)
+    last = -jnp.max(jnp.where(pos & (cols > last), -cols, -m), axis=1, keepdims=True)
+    slots.append(jnp.minimum(last, m - 1))
   p_idx = jnp.concatenate(slots, axis=1)                                 # [B, p]
   p_valid = jnp.sum(pos, axis=1, dtype=jnp.int32)[:, None] > jnp.arange(p)[None, :]
   s_ap = jnp.take_along_axis(s, p_idx, axis=1)                           # [B, p]
@@ -219,9 +222,11 @@ def angular_loss(embeddings: jax.Array, labels: jax.Array,
       if i == len(sizes):
         # m slots always hold every anchor's positives.
         return _gathered(s, r, pos, neg, k, c, m) if m <= _GATHER_SIZES[-1] else dense()
+      # Rematerialised branches: the backward pass of a cond otherwise keeps
+      # zero-filled residuals of every branch (a [B, 16, M] grid included).
       return jax.lax.cond(most <= sizes[i],
-                          lambda: _gathered(s, r, pos, neg, k, c, sizes[i]),
-                          lambda: chain(i + 1))
+                          jax.checkpoint(lambda: _gathered(s, r, pos, neg, k, c, sizes[i])),
+                          jax.checkpoint(lambda: chain(i + 1)))
 
     terms = chain(0)
   # masked_logsumexp drops NaN sums: keep NaN inputs visible.

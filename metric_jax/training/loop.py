@@ -235,6 +235,7 @@ def _final_report(exp: Experiment, state, step: int, writer, quiet: bool = False
         reporting.save_projection_png(
             exp.workdir / "embeddings_2d.png", emb, labels, method=exp.config.projection,
             max_classes=exp.config.plot_max_classes, seed=exp.config.seed,
+            class_names=np.asarray(exp.splits.test.class_ids),
             title=f"{exp.config.data.name} test embeddings, step {step} "
                   f"({exp.config.projection.upper()})")
       except Exception as e:  # a plot must never lose a finished run

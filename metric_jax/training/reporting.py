@@ -126,13 +126,13 @@ def format_table(metrics: Mapping[str, Any], title: str = "Retrieval metrics") -
     >>> print(format_table({"precision_at_1": 0.5, "map_at_r": 0.25,
     ...                     "num_queries": 10}))
     Retrieval metrics
-    -------------------------
-    metric             value
-    -------------------------
-    P@1                50.00
-    MAP@R              25.00
-    num_queries           10
-    -------------------------
+    --------------------
+    metric         value
+    --------------------
+    P@1            50.00
+    MAP@R          25.00
+    num_queries       10
+    --------------------
   """
   rows = []
   keys = [k for k in _TABLE_ORDER if k in metrics]
@@ -185,11 +185,13 @@ def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np
 
 def save_projection_png(path: str | os.PathLike, embeddings: np.ndarray,
                         labels: np.ndarray, *, method: str = "pca",
-                        max_classes: int = 20, title: str = "", seed: int = 0) -> None:
+                        max_classes: int = 20, title: str = "", seed: int = 0,
+                        class_names=None) -> None:
   """Saves a scatter plot of a 2-D projection coloured by class.
 
   Only the ``max_classes`` most frequent classes are drawn (hundreds of
   colours are unreadable); the projection is fitted on those points.
+  ``class_names[label]`` (e.g. a source's ``class_ids``) labels the legend.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -209,8 +211,9 @@ def save_projection_png(path: str | os.PathLike, embeddings: np.ndarray,
   for i, c in enumerate(sorted(keep)):
     pts = xy[lab == c]
     colour = colours(i) if few else colours(i / max(len(keep) - 1, 1))
+    name = class_names[c] if class_names is not None else c
     ax.scatter(pts[:, 0], pts[:, 1], s=6, color=colour,
-               label=str(c) if few else None, alpha=0.8)
+               label=str(name) if few else None, alpha=0.8)
   if few:
     ax.legend(markerscale=2, fontsize=7, loc="best", title="class")
   ax.set_title(title or f"Test embeddings ({method.upper()}, {len(keep)} classes)")

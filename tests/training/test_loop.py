@@ -119,3 +119,47 @@ def test_embed_cli_uses_the_stored_config(reference_run, tmp_path):
   with np.load(out) as a, np.load(ref) as b:
     np.testing.assert_allclose(a["embeddings"], b["embeddings"], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def test_segments_between_sampler_refreshes():
+  assert loop._segments(0, 10, 0) == [(0, 10, False)]
+  assert loop._segments(0, 10, 4) == [(0, 4, True), (4, 8, True), (8, 10, True)]
+  assert loop._segments(5, 10, 4) == [(5, 8, True), (8, 10, True)]
+  assert loop._segments(10, 10, 4) == []
+
+
+def test_sampler_refresh_hook_and_exact_resume(tmp_path):
+  """A sampler with ``update_embeddings`` (the lifted-structure sampler) is
+  refreshed every ``refresh_every`` steps with the embeddings of the whole
+  training set; resuming at a refresh step reproduces the run exactly."""
+  from metric_jax.data import lifted_sampler, samplers
+  samplers.register_sampler(
+      "lifted_structure_for_tests",
+      lambda labels, batch_size, seed=0, **kw: lifted_sampler.LiftedStructureSampler(
+          labels, batch_size, seed=seed, **kw))
+
+  def config(steps):
+    c = common.tiny_config(num_train_steps=steps, checkpoint_every=3,
+                           sampler__name="lifted_structure_for_tests",
+                           sampler__refresh_every=3)
+    with c.unlocked():
+      c.sampler.kwargs = {"num_pairs": 5}
+    return c
+
+  exp = loop.setup(config(6), tmp_path / "probe")
+  state = exp.init_state()
+  sampler = loop._build_sampler(exp)
+  before = sampler.batch_indices(0)
+  loop._refresh_sampler(exp, sampler, state)
+  assert sampler.has_index
+  emb, _ = exp.embed_split(state, "train")
+  expected = lifted_sampler.knn_other_label(emb, exp.splits.train.labels,
+                                            sampler.num_neighbors)
+  np.testing.assert_array_equal(sampler._neighbors, expected)  # pylint: disable=protected-access
+  assert not np.array_equal(sampler.batch_indices(0), before)  # hard negatives now
+
+  loop.train_and_evaluate(config(6), tmp_path / "a")
+  loop.train_and_evaluate(config(3), tmp_path / "b")
+  loop.train_and_evaluate(config(6), tmp_path / "b")
+  common.assert_states_equal(common.read_state(config(6), tmp_path / "a", 6),
+                             common.read_state(config(6), tmp_path / "b", 6))
