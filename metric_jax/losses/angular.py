@@ -69,11 +69,11 @@ def _gathered(s, r, pos, neg, k, c, p):
   with more than ``p`` positives get NaN terms (never a silent truncation)."""
   b, m = s.shape
   p = min(p, m)
-  # Slot k holds the (k+1)-th positive column of the row, found by p argmax
-  # passes (no sort or cumsum: top_k, argsort and scans are slow on CPU).
-  # The first column after ``last`` is a plain max-reduce of -column (a
-  # vectorised reduction, unlike argmax); past the last positive it is m,
-  # clamped to a valid index and masked by ``p_valid``.
+  # Slot k holds the (k+1)-th positive column of the row, found by p passes
+  # (no sort, scan or argmax: top_k, argsort, cumsum and argmax are slow on
+  # CPU). The first positive column after ``last`` is a plain max-reduce of
+  # -column; past the last positive it is m, clamped to a valid index and
+  # masked by ``p_valid``.
   cols = jnp.arange(m, dtype=jnp.int32)[None, :]
   slots, last = [], jnp.full((b, 1), -1, jnp.int32)
   for _ in range(p):

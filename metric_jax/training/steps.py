@@ -122,7 +122,7 @@ def make_train_step(model: nn.Module, objective: Any,
     metrics = {
         "loss": total,
         **{f"loss/{k}": v for k, v in terms.items()},
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "embedding_norm": jnp.mean(raw_norm),
         "embedding_spread": jnp.mean(
             jnp.linalg.norm(unit - jnp.mean(unit, axis=0, keepdims=True), axis=-1)),
