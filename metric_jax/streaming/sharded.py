@@ -69,6 +69,7 @@ def sharded_loss(loss_fn: Callable, mesh: jax.sharding.Mesh, axis_name: str = "d
                        "the all-gathered batch.")
   spec = jax.P(axis_name)
   per_anchor = loss_kwargs.get("reduction") == "none"
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
   def body(emb, labels, where):
     return loss_fn(emb, labels, where=where, axis_name=axis_name, **loss_kwargs)
@@ -84,6 +85,11 @@ def sharded_loss(loss_fn: Callable, mesh: jax.sharding.Mesh, axis_name: str = "d
           f"{axis_name!r}, got {embeddings.shape[0]}.")
     if where is None:
       where = jnp.ones(labels.shape, bool)
+    if explicit:
+      # A mesh with Explicit axes (jax.make_mesh's default) needs the inputs
+      # laid out as the specs say; Auto meshes let shard_map reshard them.
+      batch = jax.sharding.NamedSharding(mesh, spec)
+      embeddings, labels, where = (jax.reshard(x, batch) for x in (embeddings, labels, where))
     return mapped(embeddings, labels, where)
 
   return fn
