@@ -12,6 +12,9 @@ Launch:
 Options of the config string (comma-separated):
   contrastive  contrastive loss (pos_margin 0.2, neg_margin 0.5) instead of the
                default semi-hard triplet loss (margin 0.1).
+  lifted       lifted structure loss (smooth bound, alpha 1) on the paper's
+               batches: 5 random positive pairs plus their nearest
+               other-class neighbours, index refreshed every 100 steps.
   runlocal     6 steps of a tiny ConvNet, for tests and smoke runs.
 
 Expected (measured on 2 shared CPU cores, about 2-2.5 minutes wall):
@@ -28,7 +31,7 @@ from metric_jax.training import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  opts = config_lib.parse_config_arg(arg, ("runlocal", "contrastive", "triplet"))
+  opts = config_lib.parse_config_arg(arg, ("runlocal", "contrastive", "triplet", "lifted"))
   c = config_lib.base_config()
   c.seed = 0
   c.data.name = "digits"
@@ -44,6 +47,12 @@ def get_config(arg: str | None = None):
   if "contrastive" in opts:
     c.loss.name = "contrastive_loss"
     c.loss.kwargs = {"pos_margin": 0.2, "neg_margin": 0.5}
+  if "lifted" in opts:
+    c.loss.name = "lifted_structure_loss"
+    c.loss.kwargs = {"neg_margin": 1.0}
+    c.sampler.name = "lifted"
+    c.sampler.kwargs = {"num_pairs": 5}
+    c.sampler.refresh_every = 100
   c.optimizer.name = "adamw"
   c.optimizer.learning_rate = 1e-4
   c.optimizer.weight_decay = 1e-4

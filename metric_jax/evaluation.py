@@ -559,15 +559,14 @@ def _per_query_impl(*args, **kwargs):
   return out
 
 
-def _prepare(query, query_labels, gallery, gallery_labels, *, max_r, k_values, metric,
-             normalize, chunk_size, metrics, exclude_self):
-  """Validates the arguments of the per-query functions; returns (args, static kwargs)."""
+def _check_query_gallery(query, query_labels, gallery, gallery_labels):
+  """Validates shapes and labels of a query set and an optional gallery;
+  returns the four as arrays (gallery and its labels may be None)."""
   query, query_labels, gallery, gallery_labels = map(
       _as_array, (query, query_labels, gallery, gallery_labels))
   _checks.embeddings(query, "query")
   _check_nonempty(query, "query")
-  n_q = np.shape(query)[0]
-  _check_integer_labels(query_labels, n_q, "query_labels")
+  _check_integer_labels(query_labels, np.shape(query)[0], "query_labels")
   if (gallery is None) != (gallery_labels is None):
     raise ValueError("`gallery` and `gallery_labels` must be given together, got "
                      f"gallery={'None' if gallery is None else 'an array'} and "
@@ -577,6 +576,15 @@ def _prepare(query, query_labels, gallery, gallery_labels, *, max_r, k_values, m
     _check_nonempty(gallery, "gallery")
     _checks.same_dim(query, gallery, "query", "gallery")
     _check_integer_labels(gallery_labels, np.shape(gallery)[0], "gallery_labels")
+  return query, query_labels, gallery, gallery_labels
+
+
+def _prepare(query, query_labels, gallery, gallery_labels, *, max_r, k_values, metric,
+             normalize, chunk_size, metrics, exclude_self):
+  """Validates the arguments of the per-query functions; returns (args, static kwargs)."""
+  query, query_labels, gallery, gallery_labels = _check_query_gallery(
+      query, query_labels, gallery, gallery_labels)
+  n_q = np.shape(query)[0]
   n_g = n_q if gallery is None else np.shape(gallery)[0]
   excl = _resolve_exclude_self(exclude_self, gallery, n_q, n_g)
   _checks.positive_int(chunk_size, "chunk_size")
@@ -723,21 +731,9 @@ def retrieval_metrics(query: Any, query_labels: Any, gallery: Any | None = None,
     >>> out
     {'precision_at_1': 0.0, 'r_precision': 0.25, 'num_queries': 2.0, 'num_excluded_queries': 0.0}
   """
-  query, query_labels, gallery, gallery_labels = map(
-      _as_array, (query, query_labels, gallery, gallery_labels))
-  _checks.embeddings(query, "query")
-  _check_nonempty(query, "query")
+  query, query_labels, gallery, gallery_labels = _check_query_gallery(
+      query, query_labels, gallery, gallery_labels)
   n_q = np.shape(query)[0]
-  _check_integer_labels(query_labels, n_q, "query_labels")
-  if (gallery is None) != (gallery_labels is None):
-    raise ValueError("`gallery` and `gallery_labels` must be given together, got "
-                     f"gallery={'None' if gallery is None else 'an array'} and "
-                     f"gallery_labels={'None' if gallery_labels is None else 'an array'}.")
-  if gallery is not None:
-    _checks.embeddings(gallery, "gallery")
-    _check_nonempty(gallery, "gallery")
-    _checks.same_dim(query, gallery, "query", "gallery")
-    _check_integer_labels(gallery_labels, np.shape(gallery)[0], "gallery_labels")
   for name, a in (("query_labels", query_labels), ("gallery_labels", gallery_labels)):
     if a is not None and not _is_concrete(a):
       raise TypeError(f"`{name}` must be concrete (retrieval_metrics is a host function); "

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metric_jax import distances as distances_lib
+from metric_jax.data import samplers
 
 
 def knn_other_label(embeddings, labels, k: int, *, distance="euclidean",
@@ -227,3 +228,8 @@ class LiftedStructureSampler:
       extra = self._random_negatives(rng, np.asarray(chosen), pair_classes, missing)
       chosen.extend(extra.tolist())
     return np.asarray(chosen, np.int64)
+
+
+samplers.register_sampler(
+    "lifted", lambda labels, batch_size, seed=0, **kwargs:
+    LiftedStructureSampler(labels, batch_size, seed=seed, **kwargs))

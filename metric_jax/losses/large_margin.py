@@ -154,6 +154,20 @@ def _prepare_classification(embeddings, labels, where, ref_embeddings, ref_label
   return pairs.zero_invalid_rows(embeddings, where)
 
 
+def _classification_loss(loss: str, logits_fn, embeddings, labels, weights, *, where,
+                         ref_embeddings, ref_labels, ref_where, reduction, ndim=(2,),
+                         num_classes=lambda w: w.shape[0]):
+  """The body every margin-softmax loss shares: validate the inputs, flag
+  out-of-range labels, ``logits_fn(x, labels_with_padding_zeroed)``, then
+  the per-row cross-entropy and the masked reduction."""
+  x = _prepare_classification(embeddings, labels, where, ref_embeddings, ref_labels,
+                              ref_where, reduction, loss)
+  _check_params(weights, "weights", embeddings, ndim=ndim)
+  bad = _label_out_of_range(labels, num_classes(weights), where)
+  logits = logits_fn(x, _masked_labels(labels, where))
+  return _finish(_cross_entropy(logits, labels), where, bad, reduction)
+
+
 def _check_logits_inputs(embeddings, weights, labels, name="weights", ndim=(2,)):
   _checks.embeddings(embeddings, "embeddings")
   _check_params(weights, name, embeddings, ndim=ndim)
@@ -262,12 +276,11 @@ def normalized_softmax_loss(embeddings: jax.Array, labels: jax.Array,
     >>> round(float(loss), 4)
     0.1269
   """
-  x = _prepare_classification(embeddings, labels, where, ref_embeddings, ref_labels,
-                              ref_where, reduction, "normalized_softmax_loss")
-  _check_params(weights, "weights", embeddings)
-  bad = _label_out_of_range(labels, weights.shape[0], where)
-  logits = normalized_softmax_logits(x, weights, temperature=temperature)
-  return _finish(_cross_entropy(logits, labels), where, bad, reduction)
+  return _classification_loss(
+      "normalized_softmax_loss",
+      lambda x, _: normalized_softmax_logits(x, weights, temperature=temperature),
+      embeddings, labels, weights, where=where, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+      ref_where=ref_where, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -383,29 +396,37 @@ def arcface_loss(embeddings: jax.Array, labels: jax.Array,
     >>> round(float(loss), 4)
     0.0294
   """
-  x = _prepare_classification(embeddings, labels, where, ref_embeddings, ref_labels,
-                              ref_where, reduction, "arcface_loss")
-  _check_params(weights, "weights", embeddings)
-  bad = _label_out_of_range(labels, weights.shape[0], where)
-  logits = arcface_logits(x, weights, _masked_labels(labels, where), margin=margin,
-                          scale=scale)
-  return _finish(_cross_entropy(logits, labels), where, bad, reduction)
+  return _classification_loss(
+      "arcface_loss",
+      lambda x, lab: arcface_logits(x, weights, lab, margin=margin, scale=scale),
+      embeddings, labels, weights, where=where, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+      ref_where=ref_where, reduction=reduction)
+
+
+def _grouped_params(params, per_class, *, name: str, per_class_name: str,
+                    default: int) -> jax.Array:
+  """[C, k, D] view of per-class parameter groups (sub-centres, SoftTriple
+  centres) given as [C, k, D] or in PML's flat [C*k, D] layout (row
+  ``c*k + j`` = member j of class c); ``per_class`` None means ``default``
+  for the flat layout and "as given" for the 3-D one."""
+  shape = np.shape(params)
+  if len(shape) == 3:
+    if per_class is not None and per_class != shape[1]:
+      raise ValueError(f"`{per_class_name}`={per_class} does not match `{name}` of shape "
+                       f"{tuple(shape)} ([C, k, D] with k={shape[1]}).")
+    return params
+  k = default if per_class is None else per_class
+  _checks.positive_int(k, per_class_name)
+  if shape[0] % k:
+    raise ValueError(f"`{name}` of shape {tuple(shape)} ([C*k, D]) must have a first axis "
+                     f"divisible by `{per_class_name}`={k}.")
+  return jnp.reshape(params, (shape[0] // k, k, shape[1]))
 
 
 def _subcenter_weights(weights, sub_centers, name="weights"):
   """[C, k, D] view of sub-centre weights given as [C, k, D] or [C*k, D]."""
-  shape = np.shape(weights)
-  if len(shape) == 3:
-    if sub_centers is not None and sub_centers != shape[1]:
-      raise ValueError(f"`sub_centers`={sub_centers} does not match `{name}` of shape "
-                       f"{tuple(shape)} ([C, k, D] with k={shape[1]}).")
-    return weights
-  k = 3 if sub_centers is None else sub_centers
-  _checks.positive_int(k, "sub_centers")
-  if shape[0] % k:
-    raise ValueError(f"`{name}` of shape {tuple(shape)} ([C*k, D]) must have a first axis "
-                     f"divisible by `sub_centers`={k}.")
-  return jnp.reshape(weights, (shape[0] // k, k, shape[1]))
+  return _grouped_params(weights, sub_centers, name=name, per_class_name="sub_centers",
+                         default=3)
 
 
 def init_subcenter_arcface(key: jax.Array, num_classes: int, embedding_dim: int, *,
@@ -502,15 +523,13 @@ def subcenter_arcface_loss(embeddings: jax.Array, labels: jax.Array,
     >>> round(float(loss), 4)
     0.0294
   """
-  x = _prepare_classification(embeddings, labels, where, ref_embeddings, ref_labels,
-                              ref_where, reduction, "subcenter_arcface_loss")
-  _check_params(weights, "weights", embeddings, ndim=(2, 3))
-  num_classes = _subcenter_weights(weights, sub_centers).shape[0]
-  bad = _label_out_of_range(labels, num_classes, where)
-  lab = _masked_labels(labels, where)
-  logits = subcenter_arcface_logits(x, weights, lab, sub_centers=sub_centers,
-                                    margin=margin, scale=scale)
-  return _finish(_cross_entropy(logits, labels), where, bad, reduction)
+  return _classification_loss(
+      "subcenter_arcface_loss",
+      lambda x, lab: subcenter_arcface_logits(x, weights, lab, sub_centers=sub_centers,
+                                              margin=margin, scale=scale),
+      embeddings, labels, weights, where=where, ref_embeddings=ref_embeddings,
+      ref_labels=ref_labels, ref_where=ref_where, reduction=reduction, ndim=(2, 3),
+      num_classes=lambda w: _subcenter_weights(w, sub_centers).shape[0])
 
 
 # ---------------------------------------------------------------------------
@@ -595,13 +614,11 @@ def cosface_loss(embeddings: jax.Array, labels: jax.Array,
     >>> round(float(loss), 4)
     0.0716
   """
-  x = _prepare_classification(embeddings, labels, where, ref_embeddings, ref_labels,
-                              ref_where, reduction, "cosface_loss")
-  _check_params(weights, "weights", embeddings)
-  bad = _label_out_of_range(labels, weights.shape[0], where)
-  lab = _masked_labels(labels, where)
-  logits = cosface_logits(x, weights, lab, margin=margin, scale=scale)
-  return _finish(_cross_entropy(logits, labels), where, bad, reduction)
+  return _classification_loss(
+      "cosface_loss",
+      lambda x, lab: cosface_logits(x, weights, lab, margin=margin, scale=scale),
+      embeddings, labels, weights, where=where, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+      ref_where=ref_where, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -721,13 +738,11 @@ def large_margin_softmax_loss(embeddings: jax.Array, labels: jax.Array,
     >>> round(float(loss), 4)
     0.3676
   """
-  x = _prepare_classification(embeddings, labels, where, ref_embeddings, ref_labels,
-                              ref_where, reduction, "large_margin_softmax_loss")
-  _check_params(weights, "weights", embeddings)
-  bad = _label_out_of_range(labels, weights.shape[0], where)
-  lab = _masked_labels(labels, where)
-  logits = large_margin_softmax_logits(x, weights, lab, margin=margin, scale=scale)
-  return _finish(_cross_entropy(logits, labels), where, bad, reduction)
+  return _classification_loss(
+      "large_margin_softmax_loss",
+      lambda x, lab: large_margin_softmax_logits(x, weights, lab, margin=margin, scale=scale),
+      embeddings, labels, weights, where=where, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+      ref_where=ref_where, reduction=reduction)
 
 
 def init_sphereface(key: jax.Array, num_classes: int, embedding_dim: int, *,
@@ -802,10 +817,8 @@ def sphereface_loss(embeddings: jax.Array, labels: jax.Array,
     >>> round(float(loss), 4)
     0.3676
   """
-  x = _prepare_classification(embeddings, labels, where, ref_embeddings, ref_labels,
-                              ref_where, reduction, "sphereface_loss")
-  _check_params(weights, "weights", embeddings)
-  bad = _label_out_of_range(labels, weights.shape[0], where)
-  lab = _masked_labels(labels, where)
-  logits = sphereface_logits(x, weights, lab, margin=margin, scale=scale)
-  return _finish(_cross_entropy(logits, labels), where, bad, reduction)
+  return _classification_loss(
+      "sphereface_loss",
+      lambda x, lab: sphereface_logits(x, weights, lab, margin=margin, scale=scale),
+      embeddings, labels, weights, where=where, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+      ref_where=ref_where, reduction=reduction)

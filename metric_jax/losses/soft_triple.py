@@ -15,18 +15,8 @@ from metric_jax.losses import large_margin as _cls
 
 def _centers_3d(centers, centers_per_class):
   """[C, K, D] view of centres given as [C, K, D] or [C*K, D]."""
-  shape = np.shape(centers)
-  if len(shape) == 3:
-    if centers_per_class is not None and centers_per_class != shape[1]:
-      raise ValueError(f"`centers_per_class`={centers_per_class} does not match `centers` "
-                       f"of shape {tuple(shape)} ([C, K, D] with K={shape[1]}).")
-    return centers
-  k = 10 if centers_per_class is None else centers_per_class
-  _checks.positive_int(k, "centers_per_class")
-  if shape[0] % k:
-    raise ValueError(f"`centers` of shape {tuple(shape)} ([C*K, D]) must have a first axis "
-                     f"divisible by `centers_per_class`={k}.")
-  return jnp.reshape(centers, (shape[0] // k, k, shape[1]))
+  return _cls._grouped_params(centers, centers_per_class, name="centers",
+                              per_class_name="centers_per_class", default=10)
 
 
 @jax.custom_jvp

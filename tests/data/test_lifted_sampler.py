@@ -140,3 +140,13 @@ def test_bad_configurations():
     sampler.update_embeddings(bad)
   with pytest.raises(ValueError, match="`step` must be an int >= 0"):
     sampler.batch_indices(-1)
+
+
+def test_registered_under_lifted_name():
+  from metric_jax.data import samplers
+  labels = np.repeat(np.arange(6), 3)
+  sampler = samplers.build_sampler("lifted", labels, 8, seed=3, num_pairs=2)
+  assert isinstance(sampler, LiftedStructureSampler)
+  assert "lifted" in samplers.sampler_names()
+  np.testing.assert_array_equal(
+      sampler.batch_indices(4), LiftedStructureSampler(labels, 8, num_pairs=2, seed=3).batch_indices(4))
