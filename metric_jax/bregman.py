@@ -126,6 +126,22 @@ class Generator:
     floor: clamp for restricted domains (0 disables).
     dim: required input size D, or None for any.
     name: label for error messages and benchmarks.
+
+  Example:
+    >>> import jax.numpy as jnp, metric_jax.bregman as bregman
+    >>> phi = bregman.Generator(lambda z: jnp.sum(z ** 4, axis=-1), name="quartic")
+    >>> float(phi(jnp.array([1., 2.])))
+    17.0
+    >>> float(bregman.divergence(phi, jnp.array([1., 0.]), jnp.zeros(2)))
+    1.0
+    >>> ent = bregman.Generator(lambda z: jnp.sum(z * jnp.log(z), axis=-1),
+    ...                         domain="positive", name="entropy")
+    >>> round(float(bregman.divergence(ent, jnp.array([2., 1.]), jnp.ones(2))), 4)
+    0.3863
+    >>> bregman.divergence(ent, jnp.array([-1., 1.]), jnp.ones(2))
+    Traceback (most recent call last):
+    ...
+    ValueError: `x` must have strictly positive entries for the entropy generator ...
   """
   fn: Callable[[jax.Array], jax.Array]
   domain: str = "real"
@@ -671,6 +687,16 @@ def make_generator(generator: str = "icnn", **kwargs):
 
   Returns:
     An unbound ``flax.linen.Module`` with ``__call__(x [..., D]) -> [...]``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax.bregman as bregman
+    >>> phi = bregman.make_generator("max_affine", num_pieces=4)
+    >>> type(phi).__name__
+    'MaxAffine'
+    >>> x = jnp.ones((5, 3))
+    >>> params = phi.init(jax.random.key(0), x)
+    >>> phi.apply(params, x).shape
+    (5,)
   """
   from metric_jax.models import convex  # pylint: disable=import-outside-toplevel
   modules = {"icnn": convex.ICNN, "max_affine": convex.MaxAffine,

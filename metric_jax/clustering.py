@@ -89,6 +89,16 @@ class KMeansResult(NamedTuple):
     inertia: float32 scalar, sum over valid points of the squared distance to
       their centre.
     num_iters_run: int32 scalar, Lloyd iterations run by the kept restart.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax.clustering as cl
+    >>> x = jnp.array([[0., 0.], [0., 2.], [10., 0.], [10., 2.], [5., 50.]])
+    >>> res = cl.kmeans(x, 2, key=jax.random.key(0), where=jnp.arange(5) < 4)
+    >>> res.centers.shape, res.assignments.shape, res.inertia.shape
+    ((2, 2), (5,), ())
+    >>> bool(res.assignments[0] != res.assignments[2]), int(res.assignments[4]), float(res.inertia)
+    (True, -1, 4.0)
+    >>> centers, assignments, inertia, num_iters_run = res  # a plain NamedTuple
   """
   centers: jax.Array
   assignments: jax.Array

@@ -54,6 +54,14 @@ class MemoryState(NamedTuple):
     labels: [S] int32 stored labels (-1 in never-written slots).
     valid: [S] bool, True for slots that hold a sample.
     ptr: int32 scalar, the next slot to write.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> mem = mj.memory.cross_batch_memory(size=4, embedding_dim=2).init()
+    >>> mem.labels.tolist(), mem.valid.tolist(), int(mem.ptr)
+    ([-1, -1, -1, -1], [False, False, False, False], 0)
+    >>> jax.tree.map(jnp.shape, mem)  # a pytree: goes through jit like optimiser state
+    MemoryState(embeddings=(4, 2), labels=(4,), valid=(4,), ptr=())
   """
   embeddings: jax.Array
   labels: jax.Array
@@ -70,6 +78,15 @@ class CrossBatchMemory(NamedTuple):
       MemoryState``.
     size: S, the number of slots.
     embedding_dim: D.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> xbm = mj.memory.cross_batch_memory(size=4, embedding_dim=2)
+    >>> xbm.size, xbm.embedding_dim
+    (4, 2)
+    >>> mem = jax.jit(xbm.update)(xbm.init(), jnp.ones((3, 2)), jnp.array([1, 2, 3]))
+    >>> mem.labels.tolist(), mem.valid.tolist(), int(mem.ptr)
+    ([1, 2, 3, -1], [True, True, True, False], 3)
   """
   init: Callable[[], MemoryState]
   update: Callable[..., MemoryState]
@@ -110,6 +127,15 @@ def enqueue_slots(state: MemoryState, batch_size: int,
 
   Returns:
     [B] int32: the slot in ``[0, S)``, or S for rows that are not stored.
+
+  Example:
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> xbm = mj.memory.cross_batch_memory(size=4, embedding_dim=2)
+    >>> mem = xbm.update(xbm.init(), jnp.ones((3, 2)), jnp.array([0, 1, 2]))  # ptr = 3
+    >>> mj.memory.enqueue_slots(mem, 3).tolist()
+    [3, 0, 1]
+    >>> mj.memory.enqueue_slots(mem, 3, where=jnp.array([True, False, True])).tolist()
+    [3, 4, 0]
   """
   _check_state(state)
   size = state.embeddings.shape[0]
@@ -134,6 +160,19 @@ def update(state: MemoryState, embeddings: jax.Array, labels: jax.Array,
 
   Returns:
     The new :class:`MemoryState`.
+
+  Example:
+    Masked rows are skipped; with B > S only the last S valid rows stay:
+
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> mem = mj.memory.cross_batch_memory(size=4, embedding_dim=2).init()
+    >>> mem = mj.memory.update(mem, jnp.ones((3, 2)), jnp.array([4, 5, 6]),
+    ...                        where=jnp.array([True, False, True]))
+    >>> mem.labels.tolist(), int(mem.ptr)
+    ([4, 6, -1, -1], 2)
+    >>> mem = mj.memory.update(mem, jnp.zeros((5, 2)), jnp.array([10, 11, 12, 13, 14]))
+    >>> mem.labels.tolist(), int(mem.ptr)
+    ([12, 13, 14, 11], 3)
   """
   _check_batch(state, embeddings, labels, where)
   size = state.embeddings.shape[0]

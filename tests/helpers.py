@@ -98,61 +98,67 @@ def check_loss_contract(loss_fn, *, b: int = 12, d: int = 5, seed: int = 0,
   assert len(traces) == 1, f"retraced {len(traces)} times"
   assert np.isfinite(eager)
 
+  # The remaining checks run compiled: a handful of compilations instead of
+  # hundreds of eager per-operation ones (test time is compile time here).
+  loss_jit = jax.jit(loss_fn)
+  value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+  masked_value_and_grad = jax.jit(
+      jax.value_and_grad(lambda e, l, w: loss_fn(e, l, where=w)))
+
   # vmap over a leading axis == Python loop.
   stack = jnp.stack([emb, emb * 0.5 + 0.1, -emb])
   lab_stack = jnp.stack([labels, labels[::-1], labels])
-  vm = jax.vmap(loss_fn)(stack, lab_stack)
-  loop = jnp.stack([loss_fn(e, l) for e, l in zip(stack, lab_stack)])
+  vm = jax.jit(jax.vmap(loss_fn))(stack, lab_stack)
+  loop = jnp.stack([loss_jit(e, l) for e, l in zip(stack, lab_stack)])
   np.testing.assert_allclose(vm, loop, rtol=1e-5, atol=1e-6)
 
   # Numerical gradient check (in float64 would be better; f32 with loose tol).
-  grad_loss_fn = grad_loss_fn or loss_fn
-  check_grads(lambda e: grad_loss_fn(e, labels), (emb,), order=grad_order,
+  grad_loss_jit = jax.jit(grad_loss_fn or loss_fn)
+  check_grads(lambda e: grad_loss_jit(e, labels), (emb,), order=grad_order,
               modes=("rev",), atol=5e-2, rtol=5e-2, eps=grad_eps)
 
   # Duplicate embeddings: finite loss and gradient.
   if duplicate_ok:
     dup = emb.at[1].set(emb[0]).at[2].set(emb[0])
-    val, grad = jax.value_and_grad(loss_fn)(dup, labels)
+    val, grad = value_and_grad(dup, labels)
     assert np.isfinite(val) and np.all(np.isfinite(grad)), "non-finite at duplicates"
     collapsed = jnp.zeros_like(emb) + 0.3
-    val, grad = jax.value_and_grad(loss_fn)(collapsed, labels)
+    val, grad = value_and_grad(collapsed, labels)
     assert np.isfinite(val) and np.all(np.isfinite(grad)), "non-finite when collapsed"
 
   # No positive pair: 0 with zero, finite gradients.
   singles = jnp.arange(b)
-  val, grad = jax.value_and_grad(loss_fn)(emb, singles)
+  val, grad = value_and_grad(emb, singles)
   assert np.all(np.isfinite(grad))
   if zero_without_positives:
     assert float(val) == 0.0, f"expected 0 without positives, got {val}"
     assert float(jnp.abs(grad).max()) == 0.0
 
   # One class (no negatives): finite.
-  val, grad = jax.value_and_grad(loss_fn)(emb, jnp.zeros(b, jnp.int32))
+  val, grad = value_and_grad(emb, jnp.zeros(b, jnp.int32))
   assert np.isfinite(val) and np.all(np.isfinite(grad))
 
   # where: masked rows get zero gradient and do not change the loss,
   # even when they hold NaN.
   where = jnp.arange(b) < b - 3
-  kept = loss_fn(emb[: b - 3], labels[: b - 3])
+  kept = loss_jit(emb[: b - 3], labels[: b - 3])
   padded = emb.at[b - 3:].set(jnp.nan)
-  val, grad = jax.value_and_grad(lambda e: loss_fn(e, labels, where=where))(padded)
+  val, grad = masked_value_and_grad(padded, labels, where)
   np.testing.assert_allclose(val, kept, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(grad[b - 3:]).max()) == 0.0
   assert np.all(np.isfinite(grad))
 
   # All masked: 0.
-  val, grad = jax.value_and_grad(lambda e: loss_fn(e, labels, where=jnp.zeros(b, bool)))(emb)
+  val, grad = masked_value_and_grad(emb, labels, jnp.zeros(b, bool))
   assert float(val) == 0.0 and np.all(np.isfinite(grad))
 
   # Half precision close to float32, result in float32.
   for dt in (jnp.bfloat16, jnp.float16):
-    low = loss_fn(emb.astype(dt), labels)
+    low, g = value_and_grad(emb.astype(dt), labels)
     assert low.dtype == jnp.float32, low.dtype
     np.testing.assert_allclose(low, eager, rtol=bf16_rtol, atol=bf16_rtol)
-    g = jax.grad(loss_fn)(emb.astype(dt), labels)
     assert g.dtype == dt and np.all(np.isfinite(np.asarray(g, np.float32)))
 
   # NaN in a valid embedding is not hidden.
   nan_emb = emb.at[0, 0].set(jnp.nan)
-  assert not np.isfinite(float(loss_fn(nan_emb, labels))), "NaN input was hidden"
+  assert not np.isfinite(float(loss_jit(nan_emb, labels))), "NaN input was hidden"

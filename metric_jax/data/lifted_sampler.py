@@ -50,6 +50,13 @@ def knn_other_label(embeddings, labels, k: int, *, distance="euclidean",
   Returns:
     [N, k] int64 indices, nearest first (ties: lower index first); -1 where
     a row has fewer than k other-label samples.
+
+  Example:
+    >>> import numpy as np
+    >>> from metric_jax.data.lifted_sampler import knn_other_label
+    >>> emb = np.array([[0.], [1.], [5.], [6.]])
+    >>> knn_other_label(emb, np.array([0, 0, 1, 1]), 3).tolist()
+    [[2, 3, -1], [2, 3, -1], [1, 0, -1], [1, 0, -1]]
   """
   x = np.asarray(embeddings, np.float32)
   lab = np.asarray(labels)
@@ -111,6 +118,21 @@ class LiftedStructureSampler:
 
   References:
     Oh Song, Xiang, Jegelka, Savarese, CVPR 2016, arXiv 1511.06452, sec. 4.
+
+  Example:
+    Only class 0 has two samples, so every batch pairs samples 0 and 1 and
+    fills the other slots with their nearest other-class neighbours:
+
+    >>> import numpy as np
+    >>> from metric_jax.data.lifted_sampler import LiftedStructureSampler
+    >>> labels = np.array([0, 0, 1, 2, 3])
+    >>> sampler = LiftedStructureSampler(labels, batch_size=4, num_pairs=1, seed=0)
+    >>> sampler.has_index, sampler.batch_indices(0).shape
+    (False, (4,))
+    >>> sampler.update_embeddings(np.array([[0.], [1.], [1.5], [5.], [9.]]))
+    >>> batch = sampler.batch_indices(3)
+    >>> sorted(batch[:2].tolist()), batch[2:].tolist()
+    ([0, 1], [2, 3])
   """
 
   def __init__(self, labels, batch_size: int, *, num_pairs: int | None = None,

@@ -59,7 +59,20 @@ def _is_embedding_loss(fn: Any) -> bool:
 def available_losses() -> list[str]:
   """Names usable in a :class:`LossTerm`: every function of
   ``metric_jax.losses.__all__`` with the embedding-loss signature
-  ``(embeddings, labels, ...)`` (losses and regularisers)."""
+  ``(embeddings, labels, ...)`` (losses and regularisers).
+
+  Returns:
+    The sorted list of names. ``init_<stem>`` helpers, logits functions and
+    the composition API itself are not included.
+
+  Example:
+    >>> import metric_jax as mj
+    >>> names = mj.losses.available_losses()
+    >>> "triplet_margin_loss" in names, "init_proxy_anchor" in names
+    (True, False)
+    >>> names == sorted(names)
+    True
+  """
   mod = _losses_module()
   names = []
   for name in getattr(mod, "__all__", ()):
@@ -118,6 +131,17 @@ class LossTerm:
     learned: use the loss's ``init_<stem>`` parameters (default). With
       False the term gets no learned parameters and the loss uses ``kwargs``
       (e.g. a fixed ``beta`` for ``margin_loss``).
+
+  Example:
+    The same loss twice, once with a fixed and once with a learned ``beta``
+    (per class, from ``init_margin``):
+
+    >>> import jax, metric_jax as mj
+    >>> fixed = mj.losses.LossTerm("margin_loss", kwargs={"beta": 1.2}, learned=False)
+    >>> learned = mj.losses.LossTerm("margin_loss", key="margin_learned")
+    >>> obj = mj.losses.make_objective([fixed, learned])
+    >>> jax.tree.map(lambda a: a.shape, obj.init_params(jax.random.key(0), 3, 4))
+    {'margin_learned': {'beta': (3,)}, 'margin_loss': {}}
   """
   name: Any
   weight: float = 1.0
@@ -151,6 +175,27 @@ class Objective:
   * ``terms``: ``{key: float32 scalar}``, each term *unweighted*.
 
   Pure and jit-compatible; gradients flow to embeddings and parameters.
+
+  Args:
+    terms: the resolved terms; built by :func:`make_objective`, which
+      validates names, weights and hyper-parameters (do not build them by
+      hand).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> obj = mj.losses.make_objective([
+    ...     "proxy_anchor_loss", mj.losses.LossTerm("contrastive_loss", weight=0.5)])
+    >>> obj.keys, obj.has_params
+    (('proxy_anchor_loss', 'contrastive_loss'), True)
+    >>> params = obj.init_params(jax.random.key(0), num_classes=3, embedding_dim=4)
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> labels = jnp.array([0, 0, 1, 1, 2, 2])
+    >>> total, terms = jax.jit(obj)(emb, labels, params)
+    >>> bool(jnp.allclose(total, terms["proxy_anchor_loss"] + 0.5 * terms["contrastive_loss"]))
+    True
+    >>> grads = jax.grad(lambda p: obj(emb, labels, p)[0])(params)
+    >>> grads["proxy_anchor_loss"]["proxies"].shape
+    (3, 4)
   """
 
   def __init__(self, terms: Sequence[_Resolved]):
@@ -158,14 +203,17 @@ class Objective:
 
   @property
   def keys(self) -> tuple[str, ...]:
+    """The terms' keys, in order."""
     return tuple(t.key for t in self._terms)
 
   @property
   def weights(self) -> dict[str, float]:
+    """``{key: weight}`` of every term."""
     return {t.key: t.weight for t in self._terms}
 
   @property
   def has_params(self) -> bool:
+    """Whether any term has learned parameters (an ``init_<stem>``)."""
     return any(t.init is not None for t in self._terms)
 
   def __repr__(self) -> str:

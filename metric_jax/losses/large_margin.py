@@ -203,8 +203,24 @@ def init_normalized_softmax(key: jax.Array, num_classes: int, embedding_dim: int
   Standard normal ``[C, D]`` (PML's default ``normal_`` init of its ``[D, C]``
   weight).
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    dtype: dtype of the weights (default float32; sampled in float32).
+
   Returns:
     ``{"weights": [num_classes, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_normalized_softmax(jax.random.key(0), 10, 4)
+    >>> params["weights"].shape, params["weights"].dtype
+    ((10, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.normalized_softmax_loss(emb, jnp.array([0, 1, 2, 3, 4, 5]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   _checks.positive_int(num_classes, "num_classes")
   _checks.positive_int(embedding_dim, "embedding_dim")
@@ -225,6 +241,17 @@ def normalized_softmax_logits(embeddings: jax.Array, weights: jax.Array,
 
   Returns:
     [B, C] float32 logits.
+
+  References:
+    See :func:`normalized_softmax_loss`.
+
+  Example:
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> emb = jnp.array([[1., 0.], [0., 2.]])
+    >>> w = jnp.array([[1., 0.], [0., 1.]])
+    >>> logits = mj.losses.normalized_softmax_logits(emb, w, temperature=0.5)
+    >>> logits.tolist(), logits.argmax(axis=1).tolist()
+    ([[2.0, 0.0], [0.0, 2.0]], [0, 1])
   """
   _check_logits_inputs(embeddings, weights, labels)
   _checks.scalar(temperature, "temperature", positive=True)
@@ -313,8 +340,24 @@ def init_arcface(key: jax.Array, num_classes: int, embedding_dim: int, *,
                  dtype=jnp.float32) -> dict:
   """Class weights for :func:`arcface_loss`: standard normal ``[C, D]``.
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    dtype: dtype of the weights (default float32; sampled in float32).
+
   Returns:
     ``{"weights": [num_classes, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_arcface(jax.random.key(0), 10, 4)
+    >>> params["weights"].shape, params["weights"].dtype
+    ((10, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.arcface_loss(emb, jnp.array([0, 1, 2, 3, 4, 5]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   return init_normalized_softmax(key, num_classes, embedding_dim, dtype=dtype)
 
@@ -334,6 +377,20 @@ def arcface_logits(embeddings: jax.Array, weights: jax.Array,
 
   Returns:
     [B, C] float32 logits.
+
+  References:
+    See :func:`arcface_loss`.
+
+  Example:
+    The margin lowers only the target logit, ``cos(0 + 0.5) = 0.8776``:
+
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> emb, w = jnp.array([[2., 0.]]), jnp.array([[1., 0.], [0., 1.]])
+    >>> mj.losses.arcface_logits(emb, w, scale=1.0).tolist()
+    [[1.0, 0.0]]
+    >>> logits = mj.losses.arcface_logits(emb, w, jnp.array([0]), margin=0.5, scale=1.0)
+    >>> [round(float(v), 4) for v in logits[0]]
+    [0.8776, 0.0]
   """
   _check_logits_inputs(embeddings, weights, labels)
   _check_angular(margin, scale)
@@ -437,8 +494,25 @@ def init_subcenter_arcface(key: jax.Array, num_classes: int, embedding_dim: int,
   sub-centres travels with the array (the loss also accepts the flat
   ``[C*k, D]`` layout of PML, row ``c*k + j`` = sub-centre j of class c).
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    sub_centers: k >= 1, sub-centres per class (default 3, PML's).
+    dtype: dtype of the weights (default float32; sampled in float32).
+
   Returns:
     ``{"weights": [num_classes, sub_centers, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_subcenter_arcface(jax.random.key(0), 10, 4, sub_centers=2)
+    >>> params["weights"].shape, params["weights"].dtype
+    ((10, 2, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.subcenter_arcface_loss(emb, jnp.array([0, 1, 2, 3, 4, 5]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   _checks.positive_int(num_classes, "num_classes")
   _checks.positive_int(embedding_dim, "embedding_dim")
@@ -462,6 +536,21 @@ def subcenter_arcface_logits(embeddings: jax.Array, weights: jax.Array,
 
   Returns:
     [B, C] float32 logits.
+
+  References:
+    See :func:`subcenter_arcface_loss`.
+
+  Example:
+    Each class logit uses its closest sub-centre:
+
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> w = jnp.array([[[1., 0.], [0., -1.]], [[0., 1.], [-1., 0.]]])  # [C=2, k=2, D=2]
+    >>> emb = jnp.array([[0., 3.]])
+    >>> mj.losses.subcenter_arcface_logits(emb, w, scale=1.0).tolist()
+    [[0.0, 1.0]]
+    >>> logits = mj.losses.subcenter_arcface_logits(emb, w, jnp.array([1]), scale=1.0)
+    >>> [round(float(v), 4) for v in logits[0]]
+    [0.0, 0.8776]
   """
   _check_logits_inputs(embeddings, weights, labels, ndim=(2, 3))
   _check_angular(margin, scale)
@@ -541,8 +630,24 @@ def init_cosface(key: jax.Array, num_classes: int, embedding_dim: int, *,
                  dtype=jnp.float32) -> dict:
   """Class weights for :func:`cosface_loss`: standard normal ``[C, D]``.
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    dtype: dtype of the weights (default float32; sampled in float32).
+
   Returns:
     ``{"weights": [num_classes, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_cosface(jax.random.key(0), 10, 4)
+    >>> params["weights"].shape, params["weights"].dtype
+    ((10, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.cosface_loss(emb, jnp.array([0, 1, 2, 3, 4, 5]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   return init_normalized_softmax(key, num_classes, embedding_dim, dtype=dtype)
 
@@ -560,6 +665,16 @@ def cosface_logits(embeddings: jax.Array, weights: jax.Array,
 
   Returns:
     [B, C] float32 logits.
+
+  References:
+    See :func:`cosface_loss`.
+
+  Example:
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> emb, w = jnp.array([[2., 0.]]), jnp.array([[1., 0.], [0., 1.]])
+    >>> logits = mj.losses.cosface_logits(emb, w, jnp.array([0]), margin=0.35, scale=4.0)
+    >>> [round(float(v), 4) for v in logits[0]]
+    [2.6, 0.0]
   """
   _check_logits_inputs(embeddings, weights, labels)
   _checks.scalar(margin, "margin")
@@ -664,8 +779,24 @@ def init_large_margin_softmax(key: jax.Array, num_classes: int, embedding_dim: i
   """Class weights for :func:`large_margin_softmax_loss`: standard normal
   ``[C, D]``.
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    dtype: dtype of the weights (default float32; sampled in float32).
+
   Returns:
     ``{"weights": [num_classes, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_large_margin_softmax(jax.random.key(0), 10, 4)
+    >>> params["weights"].shape, params["weights"].dtype
+    ((10, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.large_margin_softmax_loss(emb, jnp.array([0, 1, 2, 3, 4, 5]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   return init_normalized_softmax(key, num_classes, embedding_dim, dtype=dtype)
 
@@ -685,6 +816,21 @@ def large_margin_softmax_logits(embeddings: jax.Array, weights: jax.Array,
 
   Returns:
     [B, C] float32 logits.
+
+  References:
+    See :func:`large_margin_softmax_loss`.
+
+  Example:
+    Unlike :func:`sphereface_logits`, the class weight norms scale the
+    logits (``||w_0|| = 2``):
+
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> emb, w = jnp.array([[1., 1.]]), jnp.array([[2., 0.], [0., 1.]])
+    >>> [round(float(v), 4) for v in mj.losses.large_margin_softmax_logits(emb, w)[0]]
+    [2.0, 1.0]
+    >>> logits = mj.losses.large_margin_softmax_logits(emb, w, jnp.array([1]), margin=3)
+    >>> [round(float(v), 4) for v in logits[0]]
+    [2.0, -1.0]
   """
   return _large_margin_common(embeddings, weights, labels, margin, scale, True)
 
@@ -749,8 +895,24 @@ def init_sphereface(key: jax.Array, num_classes: int, embedding_dim: int, *,
                     dtype=jnp.float32) -> dict:
   """Class weights for :func:`sphereface_loss`: standard normal ``[C, D]``.
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    dtype: dtype of the weights (default float32; sampled in float32).
+
   Returns:
     ``{"weights": [num_classes, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_sphereface(jax.random.key(0), 10, 4)
+    >>> params["weights"].shape, params["weights"].dtype
+    ((10, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.sphereface_loss(emb, jnp.array([0, 1, 2, 3, 4, 5]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   return init_normalized_softmax(key, num_classes, embedding_dim, dtype=dtype)
 
@@ -770,6 +932,21 @@ def sphereface_logits(embeddings: jax.Array, weights: jax.Array,
 
   Returns:
     [B, C] float32 logits.
+
+  References:
+    See :func:`sphereface_loss`.
+
+  Example:
+    ``x = (1, 1)`` is at 45 degrees from both classes and ``||x|| cos 45 = 1``;
+    with m = 3 the target logit becomes ``||x|| cos 135 = -1``:
+
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> emb, w = jnp.array([[1., 1.]]), jnp.array([[2., 0.], [0., 1.]])
+    >>> [round(float(v), 4) for v in mj.losses.sphereface_logits(emb, w)[0]]
+    [1.0, 1.0]
+    >>> logits = mj.losses.sphereface_logits(emb, w, jnp.array([0]), margin=3)
+    >>> [round(float(v), 4) for v in logits[0]]
+    [-1.0, 1.0]
   """
   return _large_margin_common(embeddings, weights, labels, margin, scale, False)
 

@@ -35,6 +35,16 @@ def init_margin(key: jax.Array, num_classes: int, embedding_dim: int, *,
 
   Returns:
     ``{"beta": [C] float32}``, the keyword arguments of :func:`margin_loss`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_margin(jax.random.key(0), 3, 4)
+    >>> params["beta"].shape, [round(float(b), 4) for b in params["beta"]]
+    ((3,), [1.2, 1.2, 1.2])
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.margin_loss(emb, jnp.array([0, 0, 1, 1, 2, 2]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   del key, embedding_dim
   _checks.positive_int(num_classes, "num_classes")

@@ -31,8 +31,24 @@ def init_proxy_nca(key: jax.Array, num_classes: int, embedding_dim: int, *,
   """Proxies for :func:`proxy_nca_loss`: standard normal ``[C, D]`` (PML's
   default ``normal_`` init).
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    dtype: dtype of the proxies (default float32; sampled in float32).
+
   Returns:
     ``{"proxies": [num_classes, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_proxy_nca(jax.random.key(0), 3, 4)
+    >>> params["proxies"].shape, params["proxies"].dtype
+    ((3, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.proxy_nca_loss(emb, jnp.array([0, 0, 1, 1, 2, 2]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   _checks.positive_int(num_classes, "num_classes")
   _checks.positive_int(embedding_dim, "embedding_dim")
@@ -129,8 +145,24 @@ def init_proxy_anchor(key: jax.Array, num_classes: int, embedding_dim: int, *,
   ``N(0, 2 / C)`` for the ``[C, D]`` proxy matrix (PyTorch's fan_out of a
   ``[C, D]`` tensor is C), as PML and the authors' code initialise them.
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    dtype: dtype of the proxies (default float32; sampled in float32).
+
   Returns:
     ``{"proxies": [num_classes, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_proxy_anchor(jax.random.key(0), 3, 4)
+    >>> params["proxies"].shape, params["proxies"].dtype
+    ((3, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.proxy_anchor_loss(emb, jnp.array([0, 0, 1, 1, 2, 2]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
   """
   _checks.positive_int(num_classes, "num_classes")
   _checks.positive_int(embedding_dim, "embedding_dim")

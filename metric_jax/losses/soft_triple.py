@@ -48,8 +48,27 @@ def init_soft_triple(key: jax.Array, num_classes: int, embedding_dim: int, *,
   ``kaiming_uniform_(a=sqrt(5))`` of its ``[D, C*K]`` matrix. Returned as
   ``[C, K, D]`` so the number of centres per class travels with the array.
 
+  Args:
+    key: a ``jax.random`` key.
+    num_classes: C >= 1, the number of classes.
+    embedding_dim: D >= 1, the embedding size.
+    centers_per_class: K >= 1, centres per class (default 10, PML's).
+    dtype: dtype of the centres (default float32; sampled in float32).
+
   Returns:
     ``{"centers": [num_classes, centers_per_class, embedding_dim]}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, metric_jax as mj
+    >>> params = mj.losses.init_soft_triple(jax.random.key(0), 3, 4, centers_per_class=2)
+    >>> params["centers"].shape, params["centers"].dtype
+    ((3, 2, 4), dtype('float32'))
+    >>> emb = jax.random.normal(jax.random.key(1), (6, 4))
+    >>> loss = mj.losses.soft_triple_loss(emb, jnp.array([0, 0, 1, 1, 2, 2]), **params)
+    >>> loss.shape, bool(jnp.isfinite(loss))
+    ((), True)
+    >>> bool(jnp.abs(params["centers"]).max() <= 1 / 6 ** 0.5)  # U(-1/sqrt(C K), 1/sqrt(C K))
+    True
   """
   _checks.positive_int(num_classes, "num_classes")
   _checks.positive_int(embedding_dim, "embedding_dim")
@@ -81,6 +100,25 @@ def soft_triple_logits(embeddings: jax.Array, centers: jax.Array,
 
   Returns:
     [B, C] float32 logits.
+
+  References:
+    See :func:`soft_triple_loss`.
+
+  Example:
+    Class 0 has centres at 0 and 90 degrees from ``x``, class 1 at 90 and 180
+    degrees; with ``gamma = 1`` the class similarities are
+    ``softmax(1, 0) . (1, 0) = 0.7311`` and ``softmax(0, -1) . (0, -1) = -0.2689``:
+
+    >>> import jax.numpy as jnp, metric_jax as mj
+    >>> centers = jnp.array([[[1., 0.], [0., 1.]], [[0., -1.], [-1., 0.]]])  # [C=2, K=2, D=2]
+    >>> emb = jnp.array([[2., 0.]])
+    >>> logits = mj.losses.soft_triple_logits(emb, centers, la=1.0, gamma=1.0)
+    >>> [round(float(v), 4) for v in logits[0]]
+    [0.7311, -0.2689]
+    >>> logits = mj.losses.soft_triple_logits(emb, centers, jnp.array([0]), la=1.0,
+    ...                                       gamma=1.0, margin=0.01)
+    >>> [round(float(v), 4) for v in logits[0]]
+    [0.7211, -0.2689]
   """
   _cls._check_logits_inputs(embeddings, centers, labels, name="centers", ndim=(2, 3))
   _checks.scalar(la, "la", positive=True)

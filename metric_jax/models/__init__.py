@@ -66,6 +66,18 @@ def build_model(name: str, *, embedding_dim: int, normalize: bool = False,
 
   Returns:
     An :class:`EmbeddingModel` (a ``flax.linen.Module``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from metric_jax import models
+    >>> model = models.build_model("convnet", embedding_dim=4, normalize=True, features=(8,))
+    >>> x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    >>> variables = model.init(jax.random.key(1), x, train=False)
+    >>> sorted(variables)
+    ['batch_stats', 'params']
+    >>> emb, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> emb.shape, [round(float(n), 4) for n in jnp.linalg.norm(emb, axis=1)]
+    ((3, 4), [1.0, 1.0, 1.0])
   """
   if name not in MODEL_NAMES:
     raise ValueError(f"`name` must be one of {MODEL_NAMES}, got {name!r}.")

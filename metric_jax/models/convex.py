@@ -92,6 +92,19 @@ class NonNegativeDense(nn.Module):
 
   Attributes:
     features: output size.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from metric_jax.models.convex import NonNegativeDense
+    >>> layer = NonNegativeDense(features=3)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((2, 4)))
+    >>> params["params"]["raw_kernel"].shape
+    (4, 3)
+    >>> w = jax.nn.softplus(params["params"]["raw_kernel"])
+    >>> bool((w > 0).all())
+    True
+    >>> bool(jnp.allclose(layer.apply(params, jnp.eye(4)), w))
+    True
   """
   features: int
 
