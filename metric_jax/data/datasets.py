@@ -20,6 +20,18 @@ name                       train / test                 images
 ``oxford_iiit_pet``        first 18 / last 19 classes   TFDS, both splits
 =========================  ===========================  =====================
 
+Validation split (for tuning hyper-parameters without touching the test
+classes): ``load(name, validation=True)`` keeps only the training classes and
+splits them by class again, deterministically: the first classes (in sorted
+order of the dataset's class ids) train, the last ``validation_fraction`` of
+them (default 0.4, at least one) form the held-out ``test`` split. The test
+classes of the dataset are never read. For digits the default gives train
+digits 0-2 / validation digits 3-4; for ``omniglot_npz`` 578 / 386 of the
+964 background characters (labels follow alphabet names, so the held-out
+characters are those of the last 12 background alphabets, one of which,
+Japanese (hiragana), is shared with the train part). See
+:func:`validation_split`.
+
 References:
   Oh Song, Xiang, Jegelka, Savarese, "Deep Metric Learning via Lifted
   Structured Feature Embedding", CVPR 2016, arXiv 1511.06452 (the CUB /
@@ -217,11 +229,59 @@ for _name in tfds_sources.TFDS_DATASETS:
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
 
 
-def load(name: str, **options) -> DataSplits:
+def validation_split(splits: DataSplits, fraction: float = 0.4) -> DataSplits:
+  """Class-disjoint train / validation splits carved out of ``splits.train``.
+
+  The training classes, in sorted order of their dataset class ids, are cut
+  in two: the first ``C - k`` train, the last ``k = round(C * fraction)``
+  (clipped to ``[1, C - 1]``) are held out as the returned ``test`` split.
+  Deterministic (no random choice) and independent of ``splits.test``, which
+  is dropped, so hyper-parameters tuned on the result never see a test class.
+
+  Args:
+    splits: a dataset's :class:`DataSplits` (only ``train`` is used).
+    fraction: fraction of the training classes held out, in (0, 1).
+
+  Returns:
+    :class:`DataSplits` whose ``train`` and ``test`` are class-disjoint
+    subsets of ``splits.train``, relabelled ``0 .. C-1`` each;
+    ``class_ids`` keep the dataset's class ids.
+
+  Raises:
+    ValueError: when ``fraction`` is not in (0, 1) or ``splits.train`` has
+      fewer than 2 classes.
+
+  Example:
+    >>> from metric_jax.data import datasets
+    >>> val = datasets.validation_split(datasets.load("digits"))
+    >>> val.train.class_ids.tolist(), val.test.class_ids.tolist(), len(val.train), len(val.test)
+    ([0, 1, 2], [3, 4], 537, 364)
+  """
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+      0.0 < fraction < 1.0):
+    raise ValueError(f"`validation_fraction` must be a number in (0, 1), got {fraction!r}.")
+  train = splits.train
+  num_classes = train.num_classes
+  if num_classes < 2:
+    raise ValueError(
+        f"a validation split needs at least 2 training classes, got {num_classes}.")
+  held_out = min(max(int(round(num_classes * fraction)), 1), num_classes - 1)
+  # train.labels are contiguous 0..C-1 in sorted class-id order.
+  return _splits(*sources_lib.class_split(train, np.arange(num_classes - held_out)))
+
+
+def load(name: str, *, validation: bool = False, validation_fraction: float = 0.4,
+         **options) -> DataSplits:
   """Loads a dataset's class-disjoint train/test splits.
 
   Args:
     name: one of :data:`DATASET_NAMES`.
+    validation: if True, return :func:`validation_split` of the training
+      classes instead (train = the first training classes, test = the last
+      ``validation_fraction`` of them); the dataset's test classes are not
+      used. For tuning hyper-parameters.
+    validation_fraction: fraction of the training classes held out when
+      ``validation`` is True (default 0.4).
     **options: the loader's options (``load_digits``, ``load_npz``,
       ``load_omniglot_npz``, ``tfds_sources.load_tfds``).
 
@@ -233,7 +293,15 @@ def load(name: str, **options) -> DataSplits:
     >>> splits = data.load("digits")
     >>> len(splits.train), len(splits.test), splits.num_classes_train, splits.image_shape
     (901, 896, 5, (8, 8, 1))
+    >>> val = data.load("digits", validation=True)
+    >>> val.num_classes_train, val.test.class_ids.tolist()
+    (3, [3, 4])
   """
   if name not in _LOADERS:
     raise ValueError(f"`name` must be one of {DATASET_NAMES}, got {name!r}.")
-  return _LOADERS[name](**options)
+  if not isinstance(validation, (bool, np.bool_)):
+    raise TypeError(f"`validation` must be a bool, got {validation!r}.")
+  splits = _LOADERS[name](**options)
+  if validation:
+    splits = validation_split(splits, validation_fraction)
+  return splits
