@@ -3,6 +3,8 @@ r"""Trains an embedding, evaluates it periodically and at the end.
 Usage:
   python -m experiments.train --config=configs/digits.py --workdir=/tmp/digits_run
   python -m experiments.train --config=configs/digits.py:runlocal --workdir=/tmp/dbg
+  python -m experiments.train --config=configs/digits_magnet.py --workdir=/tmp/digits_magnet
+  python -m experiments.train --config=configs/digits_bregman.py --workdir=/tmp/digits_bregman
   python -m experiments.train --config=configs/cub200.py \
       --config.loss.kwargs.margin=0.1 --config.num_train_steps=20000 --workdir=DIR
 

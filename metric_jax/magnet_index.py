@@ -14,6 +14,9 @@ Host-side state, updated functionally (every update returns a new
 * :func:`update_variance`: running average of the batch ``sigma^2``.
 * :func:`nearest_cluster_predict`: soft nearest-cluster classification over
   the L nearest centres (eq. 6).
+* :func:`nearest_cluster_accuracy`: eq. 6 accuracy on a labelled set
+  (classes unseen in training: a per-class index from one half of each
+  class, the other half classified).
 
 Global cluster id of local cluster ``k`` of the ``c``-th class (classes in
 increasing label order) is ``c * K + k``.
@@ -32,9 +35,10 @@ import numpy as np
 
 from metric_jax import _checks
 from metric_jax import clustering
+from metric_jax import distances
 
 __all__ = ["MagnetIndex", "build_index", "refresh", "update_losses", "update_variance",
-           "nearest_cluster_predict"]
+           "nearest_cluster_predict", "nearest_cluster_accuracy"]
 
 
 class MagnetIndex(NamedTuple):
@@ -233,7 +237,8 @@ def update_variance(index: MagnetIndex, variance, *, momentum: float | None = No
 @functools.partial(jax.jit, static_argnames=("L", "num_classes"))
 def _predict(query, centers, class_idx, usable, variance, *, L, num_classes):
   q = query.astype(jnp.float32)
-  d = jnp.sum((q[:, None, :] - centers[None, :, :]) ** 2, axis=-1)   # [Q, M]
+  # Gram form: O(Q M) memory (not O(Q M D)), clamped at 0.
+  d = distances.pairwise(q, centers, "squared_euclidean")            # [Q, M]
   big = jnp.finfo(jnp.float32).max
   d = jnp.where(usable[None, :], d, big)
   neg_top, top = jax.lax.top_k(-d, L)                                 # [Q, L]
@@ -286,3 +291,62 @@ def nearest_cluster_predict(index: MagnetIndex, query, *, L: int = 8,
                   jnp.asarray(class_idx, jnp.int32), jnp.asarray(index.cluster_sizes > 0),
                   jnp.float32(var), L=L, num_classes=len(classes))
   return classes[np.asarray(pred)]
+
+
+def nearest_cluster_accuracy(embeddings, labels, *, clusters_per_class: int,
+                             variance: float, L: int = 8, key: jax.Array | None = None,
+                             num_iters: int = 20) -> float:
+  r"""Eq. 6 accuracy on a labelled set whose classes need not be the
+  training classes (the class-disjoint DML protocol).
+
+  Each class's examples (in their order in ``labels``) are split
+  alternately: even positions build a per-class index
+  (:func:`build_index`, K clusters per class), odd positions are
+  classified by :func:`nearest_cluster_predict` with the given ``variance``
+  (the running training ``sigma^2``, e.g. ``MagnetIndex.variance``). A class
+  with a single example only contributes to the index. With every class
+  seen in training, pass its training index to
+  :func:`nearest_cluster_predict` instead (the paper's protocol).
+
+  Args:
+    embeddings: [N, D] float embeddings.
+    labels: [N] integer labels (at least 2 classes with 2 examples).
+    clusters_per_class: K (classes with fewer index examples than K get
+      empty duplicates, which prediction ignores).
+    variance: sigma^2 > 0 of eq. 6.
+    L: number of nearest centres.
+    key: k-means key (default ``jax.random.key(0)``).
+    num_iters: Lloyd iterations.
+
+  Returns:
+    Fraction of the held-out half classified correctly (float).
+
+  Example:
+    >>> import numpy as np
+    >>> x = np.array([[0.], [.1], [.2], [.3], [5.], [5.1], [5.2], [5.3]], np.float32)
+    >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    >>> nearest_cluster_accuracy(x, y, clusters_per_class=1, variance=1.0, L=2)
+    1.0
+  """
+  embeddings = np.asarray(embeddings, np.float32)
+  labels = np.asarray(labels)
+  _check_inputs(embeddings, labels)
+  _checks.positive_int(clusters_per_class, "clusters_per_class")
+  if not float(variance) > 0:
+    raise ValueError(f"`variance` must be > 0, got {variance}.")
+  order = np.argsort(labels, kind="stable")
+  sorted_labels = labels[order]
+  starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+  position = np.empty(len(labels), np.int64)
+  position[order] = np.arange(len(labels)) - starts          # rank within the class
+  gallery = position % 2 == 0
+  query = ~gallery
+  if len(np.unique(labels[query])) < 2:
+    raise ValueError(
+        "`labels` must have at least 2 classes with 2 or more examples (one half builds "
+        "the index, the other is classified).")
+  key = jax.random.key(0) if key is None else key
+  index = build_index(embeddings[gallery], labels[gallery],
+                      clusters_per_class=clusters_per_class, key=key, num_iters=num_iters)
+  pred = nearest_cluster_predict(index, embeddings[query], L=L, variance=float(variance))
+  return float(np.mean(pred == labels[query]))

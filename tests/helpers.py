@@ -23,7 +23,7 @@ def label_layouts(b: int = 12):
   """Named [b] label arrays: m-per-class, mixed with singletons, one class,
   all singletons (no positive pair)."""
   return {
-      "m_per_class": np.repeat(np.arange(b // 3), 3)[:b],
+      "m_per_class": np.repeat(np.arange(-(-b // 3)), 3)[:b],
       "with_singletons": np.array(([0, 0, 0, 1, 1, 2, 3, 4, 4, 4, 5, 6] * 4)[:b]),
       "one_class": np.zeros(b, np.int32),
       "all_singletons": np.arange(b),

@@ -11,6 +11,9 @@ Modules:
   wrapper, stored config, compatibility checks, atomic writes.
 * :mod:`~metric_jax.training.reporting`: JSONL, TensorBoard, tables, plots.
 * :mod:`~metric_jax.training.config`: config defaults and validation.
+* :mod:`~metric_jax.training.objective`: ``config.loss`` with per-call
+  inputs (sampler extras such as magnet cluster ids, a learned Bregman
+  divergence whose generator trains with the model).
 * :mod:`~metric_jax.training.loop`: ``train_and_evaluate(config, workdir)``,
   ``evaluate_checkpoint``, ``embed_checkpoint``.
 

@@ -12,12 +12,15 @@ Fields (defaults in :func:`base_config`)::
   seed, batch_size (global), num_train_steps, compute_dtype
   data:      name, options, image_size, random_resized_crop, crop_scale, flip, center_crop,
              mean, std
-  sampler:   name, kwargs, refresh_every
+  sampler:   name, kwargs, refresh_every, update_every
   model:     name, embedding_dim, kwargs, pretrained
   loss:      name, weight, kwargs, init_kwargs, learned, normalize_embeddings,
-             extra_terms {key: {name, weight, kwargs, init_kwargs, learned}}
+             extra_terms {key: {name, weight, kwargs, init_kwargs, learned}},
+             distance ("default" | "bregman"),
+             bregman {generator, kwargs, similarity, scale}
   optimizer: name, learning_rate, weight_decay, schedule, warmup_steps, ...
-  eval:      batch_size, every, k_values, metric, normalize, clustering
+  eval:      batch_size, every, k_values, metric, normalize, clustering,
+             nearest_cluster_L
   log_every, checkpoint_every, keep_checkpoints, projection,
   plot_max_classes, progress_bar, num_devices
 """
@@ -65,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.name = "m_per_class"
   c.sampler.kwargs = ml_collections.ConfigDict({"m": 4})
   c.sampler.refresh_every = 0        # call sampler.update_embeddings every N steps
+  # Samplers with an update_from_step hook (magnet): fold the train steps'
+  # feedback (per-cluster losses, batch variance) in every N steps.
+  c.sampler.update_every = 1
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "convnet"
@@ -82,6 +88,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.learned = True              # use init_<stem> parameters if the loss has them
   c.loss.normalize_embeddings = True
   c.loss.extra_terms = ml_collections.ConfigDict()
+  # "bregman": the main term's `distance` is the Bregman divergence of
+  # `loss.bregman.generator` (learned ones train with the model, their
+  # parameters are loss_params["bregman"]); see metric_jax.training.objective.
+  c.loss.distance = "default"
+  c.loss.bregman = ml_collections.ConfigDict()
+  c.loss.bregman.generator = "icnn"
+  c.loss.bregman.kwargs = ml_collections.ConfigDict()  # module attributes / rank
+  c.loss.bregman.similarity = False   # -scale * D for similarity losses (N-pair, NT-Xent)
+  c.loss.bregman.scale = 1.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"
@@ -109,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.metric = "euclidean"
   c.eval.normalize = True
   c.eval.clustering = True
+  c.eval.nearest_cluster_L = 8     # magnet runs: L of the eq. 6 nearest-cluster accuracy
 
   c.log_every = 50
   c.checkpoint_every = 1000
@@ -140,6 +156,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(config, "plot_max_classes")
   _positive(config, "eval.every", minimum=0)
   _positive(config, "sampler.refresh_every", minimum=0)
+  _positive(config, "sampler.update_every")
+  _positive(config, "eval.nearest_cluster_L")
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"`config.compute_dtype` must be one of {COMPUTE_DTYPES}, "
                      f"got {config.compute_dtype!r}.")
@@ -163,14 +181,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not None and not all(isinstance(v, (int, float)) for v in value):
       raise ValueError(f"`config.data.{name}` must be a tuple of numbers, got {value!r}.")
   objective_from_config(config)   # unknown loss names / hyper-parameters
+  from metric_jax.training import objective as objective_lib
+  objective_lib.check_config(config)   # distance / bregman / magnet settings
 
 
-def objective_from_config(config: ml_collections.ConfigDict):
-  """The :class:`metric_jax.losses.Objective` of ``config.loss``."""
+def objective_from_config(config: ml_collections.ConfigDict, main_fn=None):
+  """The :class:`metric_jax.losses.Objective` of ``config.loss``.
+
+  ``main_fn`` replaces the main term's loss function (same name, same
+  learned parameters; :class:`metric_jax.training.objective.TrainObjective`
+  uses it to pass per-call inputs such as a learned ``distance`` or the
+  batch's ``cluster_ids``).
+  """
   from metric_jax.losses import composition
   loss = config.loss
-  terms = [composition.LossTerm(loss.name, weight=loss.weight,
-                                 kwargs=loss.kwargs.to_dict(),
+  terms = [composition.LossTerm(loss.name if main_fn is None else main_fn,
+                                 weight=loss.weight, kwargs=loss.kwargs.to_dict(),
                                  init_kwargs=loss.init_kwargs.to_dict(),
                                  learned=loss.learned)]
   for key, term in loss.extra_terms.items():

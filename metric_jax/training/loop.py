@@ -20,6 +20,27 @@ for bit. Samplers with an ``update_embeddings(embeddings)`` hook (magnet,
 lifted) are refreshed every ``config.sampler.refresh_every`` steps with the
 embeddings of the whole training set (and once when a run resumes; exact
 when the checkpoint step is a multiple of ``refresh_every``).
+
+Samplers with more state (the magnet sampler, :mod:`metric_jax.data.magnet_sampler`):
+
+* ``batch_extras(step)``: per-example keyword arguments of the loss (the
+  batch's ``cluster_ids``), loaded and sharded with the batch;
+* ``update_from_step(cluster_ids, losses, variance)``: the train step's
+  feedback (per-example losses, batch variance; see
+  :meth:`metric_jax.training.objective.TrainObjective.feedback`), folded in
+  every ``config.sampler.update_every`` steps. Between two updates the
+  sampler is frozen, so the prefetched batches do not depend on timing;
+* ``state_dict()`` / ``load_state_dict()``: saved as
+  ``sampler/step_<N>.npz`` next to each checkpoint and restored on resume,
+  so a resumed magnet run continues with the same cluster index, running
+  cluster losses and variance (exact, like the train state).
+
+With such a sampler (an index with a running variance), evaluation adds
+``nearest_cluster_accuracy`` (eq. 6 on the test classes, see
+:func:`metric_jax.magnet_index.nearest_cluster_accuracy`) and, at the end,
+``train_nearest_cluster_accuracy`` (eq. 6 on the training set with its
+index re-clustered from the final embeddings, the paper's protocol). With ``config.eval.metric =
+"bregman"`` retrieval uses the learned divergence of the loss.
 """
 
 from __future__ import annotations
@@ -28,6 +49,7 @@ __all__ = ["Experiment", "setup", "train_and_evaluate", "evaluate_checkpoint",
            "embed_checkpoint", "evaluate_embeddings"]
 
 import dataclasses
+import inspect
 import io
 import logging
 import pathlib
@@ -41,6 +63,7 @@ import numpy as np
 from metric_jax import sharding
 from metric_jax.training import checkpoint as ckpt_lib
 from metric_jax.training import config as config_lib
+from metric_jax.training import objective as objective_lib
 from metric_jax.training import optim
 from metric_jax.training import reporting
 from metric_jax.training import state as state_lib
@@ -67,6 +90,7 @@ class Experiment:
   abstract_state: Any
   state_shardings: Any
   embed: Callable
+  sampler: Any = None
 
   @property
   def is_main(self) -> bool:
@@ -132,13 +156,15 @@ def setup(config, workdir) -> Experiment:
   mesh = sharding.make_mesh(config.num_devices)
   sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
   sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
-  objective = config_lib.objective_from_config(config)
   model = models_lib.build_model(config.model.name,
                                  embedding_dim=config.model.embedding_dim,
                                  dtype=config_lib.compute_dtype(config),
                                  **config.model.kwargs.to_dict())
   splits = data_lib.load(config.data.name, **config.data.options.to_dict())
   _check_labels(splits.train.labels, splits.num_classes_train, "train labels")
+  sampler = _build_sampler_from(config, splits)
+  objective = objective_lib.TrainObjective(
+      config, num_clusters=getattr(sampler, "num_clusters", None))
   preprocess = config_lib.preprocess_from_config(config)
   out = jax.eval_shape(lambda x: preprocess(x, jax.random.key(0), False),
                        jax.ShapeDtypeStruct((1, *splits.image_shape), jnp.uint8))
@@ -149,7 +175,7 @@ def setup(config, workdir) -> Experiment:
       config=config, workdir=workdir, mesh=mesh, splits=splits, model=model,
       objective=objective, tx=tx, schedules=schedules, preprocess=preprocess,
       input_shape=input_shape, init_key=init_key, train_key=train_key,
-      abstract_state=None, state_shardings=None, embed=None)
+      abstract_state=None, state_shardings=None, embed=None, sampler=sampler)
   exp.abstract_state = jax.eval_shape(exp._init_fn(), init_key)
   exp.state_shardings = sharding.state_shardings(exp.abstract_state, mesh)
   # The model computes in config.compute_dtype itself (its `dtype`), so the
@@ -176,15 +202,16 @@ def _restore_latest(exp: Experiment, checkpointer: ckpt_lib.Checkpointer,
 
 
 def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, config,
-                        seed: int = 0) -> dict[str, float]:
+                        seed: int = 0, metric: Any = None) -> dict[str, float]:
   """Retrieval and clustering metrics (``metric_jax.evaluation.evaluate``)
-  with the options of ``config.eval``, as Python numbers."""
+  with the options of ``config.eval``, as Python numbers. ``metric``
+  overrides ``config.eval.metric`` (e.g. a learned Bregman divergence)."""
   from metric_jax import evaluation
   e = config.eval
   metrics = evaluation.evaluate(
       jnp.asarray(embeddings), jnp.asarray(labels), k_values=tuple(e.k_values),
-      metric=e.metric, normalize=e.normalize, clustering=e.clustering,
-      key=jax.random.key(seed))
+      metric=e.metric if metric is None else metric, normalize=e.normalize,
+      clustering=e.clustering, key=jax.random.key(seed))
   out = {}
   for k, v in metrics.items():
     v = np.asarray(v)
@@ -193,15 +220,72 @@ def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, config,
   return out
 
 
-def _refresh_sampler(exp: Experiment, sampler, state) -> None:
+def _has_index(sampler) -> bool:
+  """Whether ``sampler`` holds a magnet cluster index (with a variance)."""
+  index = getattr(sampler, "index", None)
+  return index is not None and hasattr(index, "variance")
+
+
+def _nearest_cluster_metrics(exp: Experiment, sampler, emb, labels,
+                             state=None) -> dict[str, float]:
+  """Eq. 6 accuracies of a magnet run (``{}`` for other samplers)."""
+  if not _has_index(sampler):
+    return {}
+  from metric_jax import magnet_index as mi
+  index = sampler.index
+  x = emb
+  if exp.config.loss.normalize_embeddings:   # the space the index lives in
+    x = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+  out = {"nearest_cluster_accuracy": mi.nearest_cluster_accuracy(
+      x, labels, clusters_per_class=index.clusters_per_class, variance=index.variance,
+      L=exp.config.eval.nearest_cluster_L, key=jax.random.key(exp.config.seed))}
+  if state is not None:
+    train, train_labels = exp.embed_split(state, "train")
+    if exp.config.loss.normalize_embeddings:
+      train = train / np.maximum(np.linalg.norm(train, axis=-1, keepdims=True), 1e-12)
+    # The index of the current embeddings (warm-started k-means; the
+    # sampler's own index is left as it is).
+    fresh = mi.refresh(index, train, jax.random.key(exp.config.seed))
+    pred = mi.nearest_cluster_predict(fresh, train, L=exp.config.eval.nearest_cluster_L)
+    out["train_nearest_cluster_accuracy"] = float(np.mean(pred == train_labels))
+  out["magnet_variance"] = float(index.variance)
+  return out
+
+
+def _evaluate_state(exp: Experiment, state, sampler=None, final: bool = False):
+  """Test embeddings and metrics of ``state`` (learned retrieval metric,
+  nearest-cluster accuracy of a magnet sampler)."""
+  emb, labels = exp.embed_split(state, "test")
+  metric = exp.objective.eval_metric(state.loss_params)
+  metrics = evaluate_embeddings(emb, labels, exp.config, exp.config.seed, metric=metric)
+  metrics.update(_nearest_cluster_metrics(exp, sampler, emb, labels,
+                                          state=state if final else None))
+  return emb, labels, metrics
+
+
+def _accepts(fn, name: str) -> bool:
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _refresh_sampler(exp: Experiment, sampler, state, step: int = 0) -> None:
   emb, _ = exp.embed_split(state, "train")
-  sampler.update_embeddings(emb)
+  if exp.config.loss.normalize_embeddings and hasattr(sampler, "update_from_step"):
+    # The magnet loss sees normalised embeddings: cluster them in that space.
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+  if _accepts(sampler.update_embeddings, "step"):
+    sampler.update_embeddings(emb, step=step)
+  else:
+    sampler.update_embeddings(emb)
 
 
 def _batches(exp: Experiment, sampler, start: int, stop: int):
   """(step, host batch) for steps [start, stop); this process's rows."""
   train = exp.splits.train
   local = sharding.local_batch_slice(exp.config.batch_size)
+  with_extras = hasattr(sampler, "batch_extras")
   for step in range(start, stop):
     idx = np.asarray(sampler.batch_indices(step))
     if idx.shape != (exp.config.batch_size,):
@@ -209,24 +293,79 @@ def _batches(exp: Experiment, sampler, start: int, stop: int):
           f"sampler {exp.config.sampler.name!r} returned indices of shape {idx.shape} "
           f"at step {step}, expected ({exp.config.batch_size},).")
     idx = idx[local]
-    yield step, {"images": train.images(idx), "labels": train.labels[idx].astype(np.int32)}
+    batch = {"images": train.images(idx), "labels": train.labels[idx].astype(np.int32)}
+    if with_extras:
+      batch["extras"] = {k: np.asarray(v)[local] for k, v in sampler.batch_extras(step).items()}
+    yield step, batch
 
 
-def _segments(start: int, total: int, refresh_every: int):
-  """Step ranges between sampler refreshes: [(a, b, refresh_at_a)]."""
-  if not refresh_every:
+def _segments(start: int, total: int, refresh_every: int, sync_every: int = 0):
+  """Step ranges of a frozen sampler: [(a, b, refresh_at_a)].
+
+  Boundaries at the multiples of ``refresh_every`` (a refresh of the
+  sampler's embeddings) and of ``sync_every`` (feedback folded in, sampler
+  state saved); the first segment refreshes whenever ``refresh_every``."""
+  periods = [p for p in (refresh_every, sync_every) if p]
+  if not periods:
     return [(start, total, False)]
   out, a = [], start
   while a < total:
-    b = min(total, (a // refresh_every + 1) * refresh_every)
-    out.append((a, b, True))
+    b = min([total] + [(a // p + 1) * p for p in periods])
+    out.append((a, b, bool(refresh_every) and (a == start or a % refresh_every == 0)))
     a = b
   return out
 
 
-def _final_report(exp: Experiment, state, step: int, writer, quiet: bool = False) -> dict:
-  emb, labels = exp.embed_split(state, "test")
-  metrics = evaluate_embeddings(emb, labels, exp.config, exp.config.seed)
+SAMPLER_DIR = "sampler"
+
+
+def _sampler_path(workdir: pathlib.Path, step: int) -> pathlib.Path:
+  return workdir / SAMPLER_DIR / f"step_{step}.npz"
+
+
+def _save_sampler(exp: Experiment, sampler, step: int, keep: list[int]) -> None:
+  """Writes ``sampler/step_<step>.npz`` (main process) and removes files of
+  steps whose checkpoints are gone."""
+  if not exp.is_main or not hasattr(sampler, "state_dict"):
+    return
+  if getattr(sampler, "index", True) is None:
+    return
+  buf = io.BytesIO()
+  np.savez(buf, **sampler.state_dict())
+  ckpt_lib.atomic_write_bytes(_sampler_path(exp.workdir, step), buf.getvalue())
+  keep = set(keep) | {step}
+  for path in (exp.workdir / SAMPLER_DIR).glob("step_*.npz"):
+    try:
+      s = int(path.stem[len("step_"):])
+    except ValueError:
+      continue
+    if s not in keep:
+      path.unlink(missing_ok=True)
+
+
+def _load_sampler(exp: Experiment, sampler, step: int) -> bool:
+  """Restores the sampler state saved at ``step``; False if there is none."""
+  path = _sampler_path(exp.workdir, step)
+  if not hasattr(sampler, "load_state_dict") or not path.exists():
+    return False
+  with np.load(path) as f:
+    sampler.load_state_dict({k: f[k] for k in f.files})
+  return True
+
+
+def _apply_feedback(sampler, pending: list) -> None:
+  """Folds the feedback of finished steps into the sampler, in step order."""
+  for step, feedback in pending:
+    feedback = jax.device_get(feedback)
+    cluster_ids = sampler.batch_extras(step)["cluster_ids"]
+    sampler.update_from_step(cluster_ids, np.asarray(feedback["losses"]),
+                             feedback.get("variance"))
+  pending.clear()
+
+
+def _final_report(exp: Experiment, state, step: int, writer, quiet: bool = False,
+                  sampler=None) -> dict:
+  emb, labels, metrics = _evaluate_state(exp, state, sampler, final=True)
   if exp.is_main:
     writer.write(step, metrics, split="eval")
     reporting.write_json(exp.workdir / "final_metrics.json", {"step": step, **metrics})
@@ -257,7 +396,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
 
   Returns:
     The retrieval metrics of ``metric_jax.evaluation.evaluate`` on the test
-    classes, plus ``"step"`` and ``"train_loss"`` (last logged loss).
+    classes (plus the nearest-cluster accuracies of a magnet run), and
+    ``"step"`` and ``"train_loss"`` (last logged loss).
   """
   from tqdm.auto import tqdm
 
@@ -291,15 +431,30 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     if config.sampler.refresh_every and not refresh:
       log.warning("config.sampler.refresh_every=%d but sampler %r has no update_embeddings.",
                   config.sampler.refresh_every, config.sampler.name)
+    with_feedback = hasattr(sampler, "update_from_step")
+    stateful = hasattr(sampler, "state_dict")
+    sync_every = 0
+    if with_feedback or stateful:
+      sync_every = int(np.gcd(config.sampler.update_every if with_feedback else 0,
+                              config.checkpoint_every if stateful else 0))
+    restored = start > 0 and _load_sampler(exp, sampler, start)
+    pending = []       # (step, device feedback) not yet folded into the sampler
     last_loss = float("nan")
     in_flight = None
     t_last, step_last = time.perf_counter(), start
-    for a, b, do_refresh in _segments(start, total, refresh):
-      if do_refresh:
-        _refresh_sampler(exp, sampler, state)
+    for a, b, do_refresh in _segments(start, total, refresh, sync_every):
+      if pending:
+        _apply_feedback(sampler, pending)
+      if stateful and a > start and a % config.checkpoint_every == 0:
+        _save_sampler(exp, sampler, a, checkpointer.all_steps())
+      if do_refresh and not (restored and a == start and a % refresh):
+        _refresh_sampler(exp, sampler, state, step=a)
       for step, host_batch in steps_lib.prefetch(_batches(exp, sampler, a, b)):
         batch = sharding.shard_batch(host_batch, exp.mesh)
         state, metrics = train_step(state, batch, exp.train_key)
+        feedback = metrics.pop("feedback", None)
+        if feedback is not None and with_feedback:
+          pending.append((step, feedback))
         done = step + 1
         # At most two steps in flight: the host loads the next batch while
         # the device computes, without queueing unboundedly many steps (and
@@ -328,30 +483,44 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         if done % config.checkpoint_every == 0 or done == total:
           checkpointer.save(done, state)
         if config.eval.every and done % config.eval.every == 0 and done != total:
-          emb, labels = exp.embed_split(state, "test")
-          ev = evaluate_embeddings(emb, labels, config, config.seed)
+          if pending and done == b:
+            _apply_feedback(sampler, pending)
+          _, _, ev = _evaluate_state(exp, state, sampler)
           writer.write(done, ev, split="eval")
+          extra = (f" nearest-cluster acc {ev['nearest_cluster_accuracy']:.4f}"
+                   if "nearest_cluster_accuracy" in ev else "")
           bar.write(f"step {done}: eval P@1 {ev.get('precision_at_1', float('nan')):.4f} "
-                    f"MAP@R {ev.get('map_at_r', float('nan')):.4f}")
+                    f"MAP@R {ev.get('map_at_r', float('nan')):.4f}{extra}")
           t_last = time.perf_counter()
         bar.update(1)
     bar.close()
+    if pending:
+      _apply_feedback(sampler, pending)
     final_step = max(start, total)
     if start >= total:   # (otherwise the loop saved step `total`)
       log.info("Run already at step %d (num_train_steps=%d); evaluating only.", start, total)
+      if refresh and not restored:
+        _refresh_sampler(exp, sampler, state, step=start)
+    elif stateful:
+      _save_sampler(exp, sampler, final_step, checkpointer.all_steps())
     checkpointer.wait()
-    metrics = _final_report(exp, state, final_step, writer)
+    metrics = _final_report(exp, state, final_step, writer, sampler=sampler)
     writer.close()
   finally:
     checkpointer.close()
   return {**metrics, "step": final_step, "train_loss": last_loss}
 
 
-def _build_sampler(exp: Experiment):
+def _build_sampler_from(config, splits):
   from metric_jax.data import samplers
-  return samplers.build_sampler(exp.config.sampler.name, exp.splits.train.labels,
-                                exp.config.batch_size, seed=exp.config.seed,
-                                **exp.config.sampler.kwargs.to_dict())
+  return samplers.build_sampler(config.sampler.name, splits.train.labels,
+                                config.batch_size, seed=config.seed,
+                                **config.sampler.kwargs.to_dict())
+
+
+def _build_sampler(exp: Experiment):
+  """A fresh sampler of the run (the loop mutates its own)."""
+  return _build_sampler_from(exp.config, exp.splits)
 
 
 def _open_existing(exp: Experiment) -> tuple[ckpt_lib.Checkpointer, int]:
@@ -369,15 +538,27 @@ def _open_existing(exp: Experiment) -> tuple[ckpt_lib.Checkpointer, int]:
 def evaluate_checkpoint(config, workdir, step: int | None = None,
                         split: str = "test") -> dict[str, float]:
   """Metrics of the latest (or given) checkpoint of ``workdir`` on
-  ``split``; prints the table and writes ``eval_<split>_step_<N>.json``."""
+  ``split``; prints the table and writes ``eval_<split>_step_<N>.json``.
+
+  Retrieval uses the learned divergence with ``config.eval.metric =
+  "bregman"``; a magnet run's saved cluster index (``sampler/step_<N>.npz``)
+  adds the nearest-cluster accuracy."""
   exp = setup(config, workdir)
   checkpointer, latest = _open_existing(exp)
   try:
     state, step = _restore_latest(exp, checkpointer, step if step is not None else latest)
   finally:
     checkpointer.close()
-  emb, labels = exp.embed_split(state, split)
-  metrics = evaluate_embeddings(emb, labels, config, config.seed)
+  sampler = _build_sampler(exp)
+  if not _load_sampler(exp, sampler, step):
+    sampler = None
+  source = getattr(exp.splits, split)
+  emb = steps_lib.embed_source(exp.embed, state.params, state.batch_stats, source,
+                               exp.mesh, config.eval.batch_size)
+  labels = np.asarray(source.labels)
+  metrics = evaluate_embeddings(emb, labels, config, config.seed,
+                                metric=exp.objective.eval_metric(state.loss_params))
+  metrics.update(_nearest_cluster_metrics(exp, sampler, emb, labels))
   if exp.is_main:
     reporting.write_json(exp.workdir / f"eval_{split}_step_{step}.json",
                          {"step": step, **metrics})

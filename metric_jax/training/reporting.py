@@ -119,6 +119,10 @@ _PRETTY = {"precision_at_1": "P@1", "r_precision": "R-Precision", "map_at_r": "M
            "nmi": "NMI", "ami": "AMI"}
 
 
+# Metrics printed as they are (not scores in [0, 1]).
+_NOT_PERCENT = frozenset({"magnet_variance"})
+
+
 def format_table(metrics: Mapping[str, Any], title: str = "Retrieval metrics") -> str:
   """A plain-text table of retrieval metrics (percentages for scores).
 
@@ -144,6 +148,8 @@ def format_table(metrics: Mapping[str, Any], title: str = "Retrieval metrics") -
     name = _PRETTY.get(k, k.replace("recall_at_", "R@") if k.startswith("recall_at_") else k)
     if isinstance(v, int) or k.startswith("num_"):
       rows.append((name, f"{int(v):d}"))
+    elif k in _NOT_PERCENT:
+      rows.append((name, f"{v:.4g}"))
     elif math.isnan(v):
       rows.append((name, "nan"))
     else:

@@ -64,7 +64,9 @@ def make_train_step(model: nn.Module, objective: Any,
 
   Args:
     model: Flax module ``(images, train) -> [B, E]``.
-    objective: :class:`metric_jax.losses.Objective`.
+    objective: :class:`metric_jax.losses.Objective` or
+      :class:`metric_jax.training.objective.TrainObjective` (which also
+      takes the batch's ``extras`` and returns sampler ``feedback``).
     tx: optimiser of ``{"model": params, "loss": loss_params}``.
     preprocess: ``(images_uint8, rng, train) -> float32 images``, traced
       inside the step (augmentation runs on device).
@@ -75,12 +77,17 @@ def make_train_step(model: nn.Module, objective: Any,
 
   Returns:
     ``train_step(state, batch, rng)`` with ``batch = {"images": uint8 [B, H,
-    W, C], "labels": int [B]}`` (optionally ``"where"``: bool [B]) and
-    ``rng`` the run's base key, folded with ``state.step`` inside. Metrics:
-    ``loss``, ``loss/<term>`` (unweighted), ``grad_norm``,
+    W, C], "labels": int [B]}`` (optionally ``"where"``: bool [B], and
+    ``"extras"``: ``{name: [B] array}`` keyword arguments of the main loss
+    term from the sampler, e.g. ``cluster_ids``; needs a ``TrainObjective``)
+    and ``rng`` the run's base key, folded with ``state.step`` inside.
+    Metrics: ``loss``, ``loss/<term>`` (unweighted), ``grad_norm``,
     ``learning_rate``, ``embedding_norm`` (mean L2 norm of the raw
     embeddings) and ``embedding_spread`` (mean distance of the normalised
-    embeddings to their centroid; near 0 means collapse).
+    embeddings to their centroid; near 0 means collapse); with a
+    ``TrainObjective`` that gives feedback (magnet) also ``"feedback"``:
+    ``{"losses": [B], "variance": scalar}`` for the sampler (not a log
+    metric; the loop pops it).
   """
   compute_dtype = jnp.dtype(compute_dtype)
 
@@ -90,6 +97,11 @@ def make_train_step(model: nn.Module, objective: Any,
     images = preprocess(batch["images"], aug_rng, True)
     labels = batch["labels"]
     where = batch.get("where")
+    extras = batch.get("extras") or {}
+    call_kw = {"extras": extras} if hasattr(objective, "feedback") else {}
+    if extras and not call_kw:
+      raise TypeError("`batch['extras']` needs an objective that takes extras "
+                      "(metric_jax.training.objective.TrainObjective).")
 
     def loss_fn(tree):
       params = tree["model"]
@@ -106,7 +118,7 @@ def make_train_step(model: nn.Module, objective: Any,
       raw_norm = jnp.linalg.norm(emb, axis=-1)
       if normalize_embeddings:
         emb = distances.l2_normalize(emb)
-      total, terms = objective(emb, labels, tree["loss"], where=where)
+      total, terms = objective(emb, labels, tree["loss"], where=where, **call_kw)
       return total, (terms, updates, emb, raw_norm)
 
     tree = state_lib.trainable(state)
@@ -129,6 +141,11 @@ def make_train_step(model: nn.Module, objective: Any,
     }
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if call_kw:
+      feedback = objective.feedback(emb, labels, state.loss_params, extras=extras,
+                                    where=where)
+      if feedback:
+        metrics["feedback"] = feedback
     return new_state, metrics
 
   return train_step

@@ -14,7 +14,8 @@ from metric_jax.training import config as config_lib
 from metric_jax.training import loop
 from tests.training import common
 
-CONFIGS = ("digits", "omniglot", "cub200", "cars196", "sop")
+CONFIGS = ("digits", "omniglot", "cub200", "cars196", "sop", "digits_magnet", "omniglot_magnet",
+           "digits_bregman", "omniglot_bregman")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
