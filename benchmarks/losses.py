@@ -3,19 +3,24 @@
     python benchmarks/losses.py                     # all cases, B in {128, 512, 2048}, D in {128, 512}
     python benchmarks/losses.py --compare-pml       # plus PML's equivalent loss and the speed ratio
     python benchmarks/losses.py --only triplet --batch 512 --dim 128
+    python benchmarks/losses.py --compare-pml --exact --only nca margin --pml-timeout 300
 
 Inputs: PK batches (4 samples per class), Gaussian embeddings, L2-normalised
 for both libraries when the case says so. JAX: ``jax.jit(jax.value_and_grad)``
 timed after compilation and one warm-up call; memory is the compiled
 executable's planned peak (arguments + outputs + temporaries). PML: the same
-inputs as torch tensors, ``loss.backward()``, median wall time.
+inputs as torch tensors, ``loss.backward()``, median wall time; a PML case
+that runs past ``--pml-timeout`` seconds (warm-up and timed calls together)
+is reported as not finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
+import signal
 import sys
 from pathlib import Path
 
@@ -63,6 +68,31 @@ def time_jax(case, emb, labels, num_classes, repeats):
   return seconds, peak
 
 
+class PmlTimeout(Exception):
+  """A PML case ran past --pml-timeout."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+  """Raises PmlTimeout in the main thread after ``seconds`` (torch returns
+  to Python between its operations, where the signal is handled)."""
+  if not seconds:
+    yield
+    return
+
+  def on_alarm(signum, frame):
+    del signum, frame
+    raise PmlTimeout()
+
+  old = signal.signal(signal.SIGALRM, on_alarm)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
 def time_pml(case, emb, labels, num_classes, repeats):
   import torch  # pylint: disable=import-outside-toplevel
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,6 +120,10 @@ def main(argv=None):
   parser.add_argument("--compare-pml", action="store_true")
   parser.add_argument("--only", nargs="*", default=[],
                       help="run the cases whose name contains any of these substrings")
+  parser.add_argument("--exact", action="store_true",
+                      help="--only names whole case names (e.g. 'nca' without 'proxy_nca')")
+  parser.add_argument("--pml-timeout", type=float, default=0.0,
+                      help="seconds allowed to each PML case (0: no limit)")
   parser.add_argument("--batch", type=int, nargs="*", default=[128, 512, 2048])
   parser.add_argument("--dim", type=int, nargs="*", default=[128, 512])
   parser.add_argument("--repeats", type=int, default=5)
@@ -106,7 +140,8 @@ def main(argv=None):
   print(header)
   print("|---|---|---|---|---|---|---|")
   for case in all_cases():
-    if args.only and not any(part in case.name for part in args.only):
+    if args.only and not any(part == case.name if args.exact else part in case.name
+                             for part in args.only):
       continue
     for b in args.batch:
       for d in args.dim:
@@ -117,15 +152,22 @@ def main(argv=None):
         except Exception as err:  # pylint: disable=broad-except
           print(f"| {case.name} | {b} | {d} | failed: {type(err).__name__}: {str(err)[:100]} |")
           continue
-        pml_s = None
+        pml_s, pml_note = None, None
         if args.compare_pml and case.pml_loss is not None:
           try:
-            pml_s = time_pml(case, emb, labels, num_classes, args.repeats)
+            with _deadline(args.pml_timeout):
+              pml_s = time_pml(case, emb, labels, num_classes, args.repeats)
+          except PmlTimeout:
+            pml_note = f"did not finish in {args.pml_timeout:.0f} s"
           except Exception as err:  # pylint: disable=broad-except  # PML OOM / INT_MAX triplets
             print(f"# PML failed for {case.name} B={b} D={d}: {str(err)[:120]}")
-        ratio = f"{pml_s / jax_s:.1f}x" if pml_s else "n/a"
+        if pml_note:
+          pml_col, ratio = pml_note, f"> {args.pml_timeout / (args.repeats + 1) / jax_s:.0f}x"
+        else:
+          pml_col = common.fmt_ms(pml_s)
+          ratio = f"{pml_s / jax_s:.1f}x" if pml_s else "n/a"
         print(f"| {case.name} | {b} | {d} | {common.fmt_ms(jax_s)} | "
-              f"{common.fmt_bytes(peak)} | {common.fmt_ms(pml_s)} | {ratio} |", flush=True)
+              f"{common.fmt_bytes(peak)} | {pml_col} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

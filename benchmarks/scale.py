@@ -2,8 +2,9 @@
 
     python benchmarks/scale.py                                   # B = 4096, every loss, both modes
     python benchmarks/scale.py --losses contrastive triplet_hard multi_similarity \\
-        --batch 32768 --mode streaming --repeats 1               # the big case (CPU: minutes)
+        --batch 32768 --mode streaming --repeats 0               # the big case (CPU: minutes)
     python benchmarks/scale.py --batch 4096 16384 --dim 512      # e.g. on a GPU
+    python benchmarks/scale.py --batch 32768 --compile-only     # XLA's planned peak only
     python benchmarks/scale.py --list
 
 Every (loss, batch, mode) runs in a fresh subprocess, so its peak resident
@@ -12,10 +13,12 @@ memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the
 ``jax.jit(jax.value_and_grad(loss))`` on L2-normalised Gaussian embeddings
 of a PK batch (4 samples per class): the first call (compile + run), then
 the median of ``--repeats`` calls (wall time) and the process CPU time per
-call (all threads; steadier than wall time on a shared machine). Also printed: the accelerator's peak
-memory when the backend reports it (``Device.memory_stats()``, GPU/TPU),
-and XLA's planned peak (arguments + outputs + temporaries of the compiled
-executable).
+call (all threads; steadier than wall time on a shared machine), and the
+first call's wall and CPU time (with ``--repeats 0`` the only figures: at
+B = 32,768 on a CPU compilation is a small part of them). Also printed:
+the accelerator's peak memory when the backend reports it
+(``Device.memory_stats()``, GPU/TPU), and XLA's planned peak (arguments +
+outputs + temporaries of the compiled executable).
 
 Bandwidth (dense only): a dense loss writes the [B, B] float32 matrix and
 reads it back in the forward pass and writes and reads its cotangent in
@@ -103,9 +106,13 @@ def worker(args) -> dict:
 
   step = jax.jit(jax.value_and_grad(loss))
   planned = common.compiled_peak_bytes(step, emb)
-  start = time.perf_counter()
+  if args.compile_only:
+    return {"loss": args.loss, "mode": args.mode, "batch": b, "dim": d, "tile": args.tile,
+            "planned": planned, "device": _device_line()}
+  start, cpu0 = time.perf_counter(), time.process_time()
   value, grad = jax.block_until_ready(step(emb))
   first = time.perf_counter() - start
+  first_cpu = time.process_time() - cpu0
   seconds = cpu = None
   if args.repeats > 0:
     cpu0 = time.process_time()
@@ -120,7 +127,8 @@ def worker(args) -> dict:
   return {"loss": args.loss, "mode": args.mode, "batch": b, "dim": d,
           "tile": args.tile, "value": float(value),
           "grad_finite": bool(np.all(np.isfinite(np.asarray(grad)))),
-          "first_s": first, "step_s": seconds, "cpu_s": cpu, "rss": rss, "device_peak": device_peak,
+          "first_s": first, "first_cpu_s": first_cpu, "step_s": seconds, "cpu_s": cpu,
+          "rss": rss, "device_peak": device_peak,
           "planned": planned, "device": _device_line()}
 
 
@@ -130,6 +138,8 @@ def _run_case(loss, batch, mode, args) -> dict:
          "--repeats", str(args.repeats)]
   if args.tile:
     cmd += ["--tile", str(args.tile)]
+  if args.compile_only:
+    cmd.append("--compile-only")
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                          cwd=str(ROOT), check=False)
@@ -158,6 +168,8 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3,
                       help="timed calls after the first (0: first call only)")
   parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="only XLA's planned peak (compile, do not run)")
   parser.add_argument("--list", action="store_true")
   parser.add_argument("--device", action="store_true", help="print the device and exit")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -174,9 +186,20 @@ def main(argv=None):
   if args.device:
     return
   modes = ("streaming", "dense") if args.mode == "both" else (args.mode,)
-  print("| loss | B | D | mode | step s | CPU s/step | first call s | peak RSS GiB "
-        "| device peak GiB | XLA planned GiB | dense GB/s | streaming/dense (wall, CPU) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  if args.compile_only:
+    print("| loss | B | D | mode | XLA planned GiB |")
+    print("|---|---|---|---|---|")
+    for batch in args.batch:
+      for loss in args.losses:
+        for mode in modes:
+          r = _run_case(loss, batch, mode, args)
+          print(f"| {loss} | {batch} | {args.dim} | {mode} | "
+                f"{r.get('error') or _gib(r['planned'])} |", flush=True)
+    return
+  print("| loss | B | D | mode | step s | CPU s/step | first call s | first call CPU s "
+        "| peak RSS GiB | device peak GiB | XLA planned GiB | dense GB/s "
+        "| streaming/dense (wall, CPU) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for batch in args.batch:
     for loss in args.losses:
       results = {}
@@ -184,7 +207,7 @@ def main(argv=None):
         r = _run_case(loss, batch, mode, args)
         results[mode] = r
         if "error" in r:
-          print(f"| {loss} | {batch} | {args.dim} | {mode} | {r['error']} | | | | | | | |",
+          print(f"| {loss} | {batch} | {args.dim} | {mode} | {r['error']} | | | | | | | | |",
                 flush=True)
           continue
         t = r["step_s"] if r["step_s"] is not None else r["first_s"]
@@ -203,6 +226,7 @@ def main(argv=None):
         step = "n/a" if r["step_s"] is None else f"{r['step_s']:.3f}"
         cpu = "n/a" if r.get("cpu_s") is None else f"{r['cpu_s']:.3f}"
         print(f"| {loss} | {batch} | {args.dim} | {mode} | {step} | {cpu} | {r['first_s']:.2f} "
+              f"| {r['first_cpu_s']:.2f} "
               f"| {_gib(r['rss'])} | {_gib(r['device_peak'])} | {_gib(r['planned'])} "
               f"| {bw} | {ratio} |", flush=True)
 

@@ -139,21 +139,33 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+                           process_id: int | None = None, **kwargs: Any) -> bool:
   """Calls ``jax.distributed.initialize`` for a multi-process run.
 
   With no arguments nothing happens (single process). On managed clusters
   (Cloud TPU, SLURM) ``jax.distributed.initialize()`` can find its settings
-  itself: pass ``coordinator_address="auto"`` for that.
+  itself: pass ``coordinator_address="auto"`` for that. On CPU the
+  processes exchange data through gloo collectives (JAX's default
+  ``jax_cpu_collectives_implementation``).
+
+  Args:
+    coordinator_address: ``"host:port"`` of process 0's coordinator (the
+      same for every process), ``"auto"``, or None (single process).
+    num_processes: total number of processes.
+    process_id: this process's index in ``[0, num_processes)``.
+    **kwargs: further ``jax.distributed.initialize`` arguments, e.g.
+      ``initialization_timeout`` (seconds) or ``local_device_ids``.
 
   Returns:
     Whether ``jax.distributed`` was initialised.
   """
-  if coordinator_address is None and num_processes is None and process_id is None:
+  if (coordinator_address is None and num_processes is None and process_id is None
+      and not kwargs):
     return False
   if coordinator_address == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
   else:
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               **kwargs)
   return True

@@ -3,6 +3,9 @@ single-device losses: jit on the global batch, and the shard_map path of
 :func:`metric_jax.streaming.sharded_loss` (local anchors against
 all-gathered references, global reductions).
 
+Cross-batch memory and the magnet loss with its cluster index in a jitted
+step on the sharded batch equal the single-device step.
+
 The jitted train step on 8 devices vs 1 is tested in
 tests/training/test_steps.py (not duplicated here); dense contrastive and
 triplet losses on a sharded global batch in tests/test_sharding.py.
@@ -18,6 +21,8 @@ import numpy as np
 import pytest
 
 import metric_jax as mj
+from metric_jax import magnet_index
+from metric_jax import memory
 from metric_jax import streaming as st
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
@@ -166,3 +171,101 @@ def test_sharded_loss_bad_inputs():
   fn = st.sharded_loss(st.streaming_contrastive_loss, _mesh())
   with pytest.raises(ValueError, match="divisible"):
     fn(jnp.ones((12, 3)), jnp.zeros(12, jnp.int32))
+
+
+def _replicated(tree):
+  return jax.device_put(tree, jax.NamedSharding(_mesh(), jax.P()))
+
+
+def _on_one_device(tree):
+  return jax.device_put(tree, jax.devices()[0])
+
+
+def _assert_trees_close(got, want, rtol=2e-5, atol=1e-6):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+def test_cross_batch_memory_under_the_sharded_step():
+  """A jitted SGD step whose loss reads and writes a cross-batch memory
+  (dense contrastive + streaming multi-similarity against the memory, tiles
+  not dividing its size): batch sharded over 8 devices, weights and memory
+  replicated. After 3 steps (the memory wraps around) the losses, weights
+  and memory equal those of one device."""
+  rng = np.random.default_rng(4)
+  xbm = memory.cross_batch_memory(size=24, embedding_dim=D)
+  w0 = (np.eye(D) + 0.3 * rng.normal(size=(D, D))).astype(np.float32)
+  batches = [(rng.normal(size=(B, D)).astype(np.float32), rng.permutation(LABELS))
+             for _ in range(3)]
+
+  @jax.jit
+  def step(w, state, x, labels):
+    def loss(w):
+      e = mj.distances.l2_normalize(x @ w)
+      dense, new_state = memory.with_memory(mj.losses.contrastive_loss, state, e, labels,
+                                            neg_margin=0.8)
+      streamed, same = memory.with_memory(st.streaming_multi_similarity_loss, state, e,
+                                          labels, tile_size=5)
+      return dense + streamed, (new_state, same)
+    (val, (new_state, same)), g = jax.value_and_grad(loss, has_aux=True)(w)
+    return w - 0.5 * g, new_state, val, same
+
+  def run(put_batch, put_state):
+    w, state, vals = put_state(w0), put_state(xbm.init()), []
+    for x, labels in batches:
+      w, state, val, same = step(w, state, put_batch(x), put_batch(labels))
+      _assert_trees_close(same, state, rtol=0, atol=0)
+      vals.append(float(val))
+    return w, state, vals
+
+  want = run(_on_one_device, _on_one_device)
+  got = run(_sharded, _replicated)
+  _assert_trees_close(got, want, rtol=1e-4, atol=1e-6)
+  assert min(want[2]) > 0 and int(want[1].ptr) == (3 * B) % 24
+  assert bool(want[1].valid.all())
+
+
+def test_magnet_loss_and_cluster_index_under_the_sharded_step():
+  """The magnet loss on a batch sharded over 8 devices, with cluster ids
+  from the index: value, per-example losses, batch variance, gradient and
+  updated weights equal one device's; the index updated from the sharded
+  outputs (cluster losses and variance, the sampler's feedback) and its
+  predictions for the training set embedded on the 8 devices equal the
+  single-device ones. (The index itself is host-side NumPy: refresh and
+  build read the embeddings once gathered to the host.)"""
+  rng = np.random.default_rng(5)
+  n = 48
+  train = rng.normal(size=(n, D)).astype(np.float32)
+  train_labels = np.repeat(np.arange(4), n // 4).astype(np.int32)
+  index = magnet_index.build_index(train, train_labels, clusters_per_class=2,
+                                   key=jax.random.key(0), num_iters=5)
+  rows = rng.choice(n, B, replace=False)
+  labels, cluster_ids = train_labels[rows], index.assignments[rows].astype(np.int32)
+  w0 = (np.eye(D) + 0.3 * rng.normal(size=(D, D))).astype(np.float32)
+
+  @jax.jit
+  def step(w, x, labels, cluster_ids):
+    def loss(w):
+      terms, variance = mj.losses.magnet_loss(x @ w, labels, cluster_ids, num_clusters=8,
+                                              reduction="none", return_variance=True)
+      return jnp.sum(terms) / B, (terms, variance)
+    (val, (terms, variance)), g = jax.value_and_grad(loss, has_aux=True)(w)
+    return val, terms, variance, g, w - 0.5 * g
+
+  embed = jax.jit(lambda w, x: x @ w)
+
+  def run(put_batch, put_state):
+    out = step(put_state(w0), *map(put_batch, (train[rows], labels, cluster_ids)))
+    _, terms, variance, _, w = out
+    idx = magnet_index.update_losses(index, cluster_ids, terms)
+    idx = magnet_index.update_variance(idx, variance)
+    new_train = embed(w, put_batch(train))
+    return out, idx, magnet_index.nearest_cluster_predict(idx, new_train, L=4)
+
+  want = run(_on_one_device, _on_one_device)
+  got = run(_sharded, _replicated)
+  _assert_trees_close(got[0], want[0], rtol=1e-4, atol=1e-6)
+  _assert_trees_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(got[2], want[2])
+  assert float(want[0][0]) > 0 and float(jnp.abs(want[0][3]).max()) > 0
+  assert int(want[1].cluster_loss_count.sum()) == B and want[1].variance_count == 1

@@ -13,6 +13,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,34 +37,51 @@ def _env(devices_per_process: int) -> dict:
 
 
 def _start(out, num_processes, devices_per_process, coordinator=None, checkpoint=False):
+  """Starts the workers; each writes its output to a log file (a pipe that
+  nobody reads while another worker is awaited could fill up and block)."""
   procs = []
   for i in range(num_processes):
     cmd = [sys.executable, str(WORKER), "--out", str(out),
-           "--num-processes", str(num_processes), "--process-id", str(i)]
+           "--num-processes", str(num_processes), "--process-id", str(i),
+           "--devices-per-process", str(devices_per_process)]
     if coordinator:
       cmd += ["--coordinator", coordinator]
     if checkpoint:
       cmd.append("--checkpoint")
-    procs.append(subprocess.Popen(cmd, env=_env(devices_per_process),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
+    log = open(out / f"log_{num_processes}_{i}.txt", "w+")  # pylint: disable=consider-using-with
+    procs.append((subprocess.Popen(cmd, env=_env(devices_per_process), stdout=log,
+                                   stderr=subprocess.STDOUT, text=True), log))
   return procs
 
 
-def _wait(procs, deadline_s):
-  outputs = []
+def _wait(procs, timeout_s):
+  """Waits for every worker under one overall deadline. A worker that fails
+  makes the others of the run stop at once (they would otherwise wait for
+  it in a collective until the deadline)."""
+  deadline = time.monotonic() + timeout_s
   try:
-    for p in procs:
-      out, _ = p.communicate(timeout=deadline_s)
-      outputs.append(out)
-  except subprocess.TimeoutExpired:
-    for p in procs:
+    while any(p.poll() is None for p, _ in procs):
+      if any(p.returncode not in (None, 0) for p, _ in procs):
+        break
+      if time.monotonic() > deadline:
+        pytest.fail(f"multi-host workers did not finish within {timeout_s:.0f} s:\n"
+                    + "\n".join(_tail(log) for _, log in procs))
+      time.sleep(0.2)
+  finally:
+    for p, _ in procs:
       if p.poll() is None:
         p.kill()
-    for p in procs:
-      p.communicate()
-    pytest.fail(f"multi-host workers did not finish within {deadline_s:.0f} s")
-  return [(p.returncode, o) for p, o in zip(procs, outputs)]
+      p.wait()
+  results = [(p.returncode, _tail(log)) for p, log in procs]
+  for _, log in procs:
+    log.close()
+  return results
+
+
+def _tail(log, n=3000):
+  log.flush()
+  log.seek(0)
+  return log.read()[-n:]
 
 
 def test_two_processes_equal_one_process(tmp_path):
@@ -89,5 +107,11 @@ def test_two_processes_equal_one_process(tmp_path):
   step = [n for n in one.files if n.endswith(".step")]
   assert step and int(one[step[0]]) == 3
 
-  ckpt = json.loads((tmp_path / "checkpoint_2.json").read_text())
-  assert ckpt == {"identical": True, "steps": [3]}
+  # Really 2 processes of 2 devices each (and 1 of 4), each of which saved
+  # and restored the orbax checkpoint of the 2-process run.
+  for i in range(2):
+    report = json.loads((tmp_path / f"process_2_{i}.json").read_text())
+    assert report == {"process_index": i, "process_count": 2, "local_devices": 2,
+                      "devices": 4, "checkpoint_identical": True, "checkpoint_steps": [3]}
+  report = json.loads((tmp_path / "process_1_0.json").read_text())
+  assert report == {"process_index": 0, "process_count": 1, "local_devices": 4, "devices": 4}

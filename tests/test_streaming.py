@@ -49,7 +49,7 @@ CASES = {
     "triplet_all_swap_soft_cosine": (
         st.streaming_triplet_margin_loss, L.triplet_margin_loss,
         {"mining": "all", "swap": True, "soft": True, "distance": "cosine",
-         "max_positives": 12, "reduction": "mean"}, BOTH),
+         "max_positives": 12, "reduction": "mean"}, SELF),
     "triplet_semihard": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
                          {"mining": "semihard", "margin": 1.0, "max_positives": 12}, SELF),
     "triplet_semihard_hardest": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
@@ -58,12 +58,14 @@ CASES = {
     "triplet_semihard_tf": (st.streaming_triplet_margin_loss, L.triplet_margin_loss,
                             {"mining": "semihard", "semihard": "tf", "margin": 1.0,
                              "max_positives": 12, "reduction": "mean"}, SELF),
+    # With a reference set (ref mode) the reference's own negatives: the
+    # ref-to-ref stream.
     "lifted": (st.streaming_lifted_structure_loss, L.lifted_structure_loss, {}, BOTH),
+    "lifted_anchor_only": (st.streaming_lifted_structure_loss, L.lifted_structure_loss,
+                           {"ref_negatives": "anchor_only", "reduction": "sum"}, REF),
     "lifted_pml": (st.streaming_lifted_structure_loss, L.lifted_structure_loss,
                    {"empty_lse": "zero", "ref_negatives": "pml", "distance": "cosine",
                     "reduction": "mean_nonzero"}, REF),
-    "lifted_anchor_only": (st.streaming_lifted_structure_loss, L.lifted_structure_loss,
-                           {"ref_negatives": "anchor_only", "reduction": "sum"}, REF),
     "generalized_lifted": (st.streaming_generalized_lifted_structure_loss,
                            L.generalized_lifted_structure_loss, {}, SELF),
     "generalized_lifted_zero": (st.streaming_generalized_lifted_structure_loss,
@@ -82,10 +84,10 @@ CASES = {
                          {"temperature": 2.0, "distance": "euclidean",
                           "reduction": "mean_nonzero"}, SELF),
     "supcon": (st.streaming_supcon_loss, L.supcon_loss, {"temperature": 0.5}, SELF),
-    "npair": (st.streaming_npair_loss, L.npair_loss, {}, BOTH),
+    "npair": (st.streaming_npair_loss, L.npair_loss, {}, SELF),
     "npair_all_cosine": (st.streaming_npair_loss, L.npair_loss,
                          {"pairs_per_class": "all", "distance": "cosine", "l2_reg": 0.0,
-                          "reduction": "none"}, SELF),
+                          "reduction": "none"}, REF),
 }
 
 
@@ -111,6 +113,8 @@ def _inputs():
 
 def _check_close(got, want, what):
   (vs, aux_s), gs = got if isinstance(got[0], tuple) else ((got[0], None), got[1])
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(gs)
+             if not np.isnan(float(vs))), f"{what}: non-finite gradient"
   (vd, aux_d), gd = want if isinstance(want[0], tuple) else ((want[0], None), want[1])
   if aux_d is not None:
     np.testing.assert_allclose(np.asarray(aux_s), np.asarray(aux_d), rtol=2e-5, atol=1e-6,
@@ -164,8 +168,11 @@ def test_streaming_equals_dense(name):
   padded = np.arange(B) < B - 3
   x_nan_pad = x.copy()
   x_nan_pad[B - 3:] = np.nan
+  x_dup = x.copy()
+  x_dup[[1, 2, 7]] = x[0]         # coincident points: zero distances, finite gradients
   for lay, labels in label_layouts(B).items():
-    for emb, where, what in ((x, all_valid, "plain"), (x_nan_pad, padded, "where")):
+    for emb, where, what in ((x, all_valid, "plain"), (x_nan_pad, padded, "where"),
+                             (x_dup, all_valid, "duplicates")):
       got = fs(emb, labels, where, ref, ref_labels)
       want = fd(emb, labels, where, ref, ref_labels)
       for mode in modes:
@@ -183,7 +190,7 @@ def test_streaming_equals_dense(name):
         f"{name} {mode}: NaN input must not be hidden")
 
 
-@pytest.mark.parametrize("name", ["contrastive", "lifted"])
+@pytest.mark.parametrize("name", ["contrastive", "multi_similarity"])
 def test_extreme_tile_sizes(name):
   """One column per tile, and more than B (one padded tile)."""
   s_fn, d_fn, kw, _ = CASES[name]
@@ -203,24 +210,21 @@ def test_default_tile_size_is_bounded():
   assert _engine.default_tile(1 << 30, 100) >= 1
 
 
-def _contract_sum(reduction=None):
-  """A sum of streaming losses covering the engine's main paths:
-  first-positive gathering, directly recomputed pair distances and a streamed
-  [B, P, T] sum (batch-all); online log-sum-exps (multi-similarity). One
-  sum keeps the number of compilations down."""
-  red = {} if reduction is None else {"reduction": reduction}
-
-  def total(e, l, **kw):
-    return (st.streaming_triplet_margin_loss(e, l, mining="all", margin=1.0,
-                                             max_positives=12, tile_size=5, **red, **kw)
-            + st.streaming_multi_similarity_loss(e, l, beta=10.0, tile_size=5, **kw))
-  return total
+def _contract_total(e, l, **kw):
+  """A sum of streaming losses covering the engine's two kinds of streamed
+  statistics: sums and counts (contrastive), online log-sum-exps
+  (multi-similarity), both with several tiles (recomputed in the backward
+  pass). One sum keeps the number of compilations down; ``"mean"`` (not
+  the default ``"mean_nonzero"``, which jumps where a term crosses 0) so
+  that one function also serves the numerical gradient check."""
+  return (st.streaming_contrastive_loss(e, l, neg_margin=3.0, tile_size=5, reduction="mean",
+                                        **kw)
+          + st.streaming_multi_similarity_loss(e, l, beta=10.0, tile_size=7, **kw))
 
 
 def test_contract():
   # Jitted: eager calls would recompile every scan on every call.
-  check_loss_contract(jax.jit(_contract_sum()), grad_loss_fn=jax.jit(_contract_sum("mean")),
-                      zero_without_positives=False)
+  check_loss_contract(jax.jit(_contract_total), zero_without_positives=False)
 
 
 def test_hyper_parameter_and_learned_metric_gradients():
@@ -281,12 +285,11 @@ def test_pair_mask_matches_dense():
 def test_more_positives_than_max_positives_is_nan():
   x = jnp.asarray(random_embeddings(8, B, D))
   labels = jnp.asarray(label_layouts(B)["m_per_class"])     # 2 positives per anchor
-  for mining in ("all", "semihard"):
-    f = jax.jit(functools.partial(st.streaming_triplet_margin_loss, mining=mining),
-                static_argnames="max_positives")
-    assert np.isfinite(float(f(x, labels, max_positives=2)))
-    assert np.isnan(float(f(x, labels, max_positives=1)))
-    assert np.isnan(float(L.triplet_margin_loss(x, labels, mining=mining, max_positives=1)))
+  f = jax.jit(functools.partial(st.streaming_triplet_margin_loss, mining="all"),
+              static_argnames="max_positives")
+  assert np.isfinite(float(f(x, labels, max_positives=2)))
+  assert np.isnan(float(f(x, labels, max_positives=1)))
+  assert np.isnan(float(L.triplet_margin_loss(x, labels, mining="all", max_positives=1)))
 
 
 @pytest.mark.parametrize("name", ["contrastive", "triplet_all"])

@@ -484,9 +484,12 @@ def first_indices(rows: dict, cols: dict, select: Callable, p: int, tile: int,
     keys, total, acc = carry
     sel = select(r, c)
     t_keys = jnp.where(sel, -c["index"][None, :], sentinel)
-    k = min(p, t_keys.shape[1])
-    t_top, _ = jax.lax.top_k(t_keys, k)
-    merged, _ = jax.lax.top_k(jnp.concatenate([keys, t_top], axis=1), p)
+    if p == 1:     # a max reduction; top_k is a sort on some backends
+      merged = jnp.maximum(keys, jnp.max(t_keys, axis=1, keepdims=True))
+    else:
+      k = min(p, t_keys.shape[1])
+      t_top, _ = jax.lax.top_k(t_keys, k)
+      merged, _ = jax.lax.top_k(jnp.concatenate([keys, t_top], axis=1), p)
     if accumulate is not None:
       acc = acc + accumulate(r, c)
     return merged, total + jnp.sum(sel, axis=1, dtype=jnp.int32), acc

@@ -566,9 +566,11 @@ def streaming_npair_loss(
           + 0.25 * l2_reg * (||f_a||^2 + ||f_a^+||^2)
 
   The choice of pairs is two non-differentiated passes (first positive of
-  each anchor; earlier same-class anchors); the softmax over the chosen
-  anchors' positives is an online log-sum-exp over tiles of those
-  positives.
+  each anchor; earlier same-class anchors); the chosen anchors and their
+  positives are then compacted into K static slots (K = B // 2 for
+  ``"first"`` without a reference set, as in the dense loss), and the
+  softmax over the chosen anchors' positives is an online log-sum-exp over
+  tiles of those positives ([K, T] blocks).
 
   Args:
     embeddings: [B, D] float anchors.
@@ -627,6 +629,20 @@ def streaming_npair_loss(
   s_cols = {"y": ctx.gather(positives), "label": a_cols["label"],
             "chosen": ctx.gather(chosen), "pos": a_cols["pos"]}
   s_rows = {"x": x, "label": labels, "chosen": chosen, "pos": inp.anchor_pos}
+  # Only chosen anchors are rows and columns of the softmax: compact them
+  # into K static slots (O(B) gathers) so that the stream is [K, K], not
+  # [B, B]. With "first" and no reference set every chosen class has >= 2
+  # samples, so K = B // 2 slots hold them all. Rows are compacted on one
+  # device only (under axis_name one device may hold all the chosen rows).
+  k_cols = _npair_slots(n_anchors, pairs_per_class, ref_embeddings is None, m)
+  if k_cols < n_anchors:
+    s_cols = _compact(s_cols, k_cols)
+  k_rows = _npair_slots(b, pairs_per_class, ref_embeddings is None, m)
+  row_slot = None
+  if axis_name is None and k_rows < b:
+    row_slot = jnp.nonzero(chosen, size=k_rows, fill_value=0)[0]
+    s_rows = _compact(s_rows, k_rows)
+  a_tile = tile_size or eng.default_tile(s_rows["x"].shape[0], s_cols["y"].shape[0])
 
   def fn(r, c):
     mat = distances_tile(r["x"], c["y"], distance)
@@ -637,11 +653,32 @@ def streaming_npair_loss(
     return {}, (eng.Lse(logits, mask),)
 
   _, (lse,) = eng.stream(fn, s_rows, s_cols, a_tile)
+  if row_slot is not None:   # back to [B]; rows that are not chosen get no term
+    # (unused slots point at row 0 and add 0 there)
+    lse = jnp.zeros((b,), lse.dtype).at[row_slot].add(jnp.where(s_rows["chosen"], lse, 0.0))
   own = eng.pair_metric(x, positives, distance)
   own = own if sim else -own
   sq = lambda v: jnp.sum(v * v, axis=-1)
   terms = lse - own + 0.25 * l2_reg * (sq(x) + sq(positives))
   return eng.reduce_terms(terms, chosen, reduction, ctx)
+
+
+def _npair_slots(n: int, pairs_per_class: str, self_compare: bool, m: int) -> int:
+  """Static number of slots that holds every chosen N-pair anchor of n."""
+  if pairs_per_class == "all":
+    return n
+  return max(n // 2, 1) if self_compare else min(n, m)
+
+
+def _compact(tree: dict, k: int) -> dict:
+  """The rows with ``tree["chosen"]`` moved to the first of k slots (in
+  index order); unused slots are copies of row 0 marked not chosen."""
+  chosen = tree["chosen"]
+  slot = jnp.nonzero(chosen, size=k, fill_value=0)[0]
+  used = jnp.arange(k) < jnp.sum(chosen)
+  out = {name: v[slot] for name, v in tree.items()}
+  out["chosen"] = out["chosen"] & used
+  return out
 
 
 def distances_tile(x, y, distance):
