@@ -38,6 +38,9 @@ import jax.numpy as jnp
 
 from metric_jax import _checks
 
+__all__ = ["METRIC_NAMES", "Metric", "MetricLike", "custom", "is_similarity", "l2_normalize",
+           "pairwise", "safe_sqrt"]
+
 _EPS = 1e-12
 # Full f32 matmuls: accelerators otherwise default to reduced-precision
 # passes (TF32 / bf16), which break distances near a margin.
@@ -48,11 +51,19 @@ _PRECISION = jax.lax.Precision.HIGHEST
 class Metric:
   """A callable pairwise metric that knows whether it is a similarity.
 
+  Build one with :func:`custom`; calling it is calling ``fn``.
+
   Attributes:
     fn: ``fn(x [N, D], y [M, D]) -> [N, M]``.
-    is_similarity: True if larger means more alike (cosine, dot), False for
-      distances and divergences (larger means farther).
-    name: a label for error messages and benchmarks.
+    is_similarity: True if larger means more alike (cosine, dot), False
+      (the default) for distances and divergences (larger means farther).
+    name: a label for error messages and benchmarks (default ``"custom"``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> m = Metric(lambda x, y: x @ y.T, is_similarity=True, name="dot")
+    >>> m(jnp.array([[1., 2.]]), jnp.array([[3., 4.], [1., 0.]])).tolist()
+    [[11.0, 1.0]]
   """
   fn: Callable[[jax.Array, jax.Array], jax.Array]
   is_similarity: bool = False
@@ -63,6 +74,7 @@ class Metric:
 
 
 MetricLike = Union[str, Callable[[jax.Array, jax.Array], jax.Array]]
+"""A built-in metric name (:data:`METRIC_NAMES`) or a callable ``fn(x, y) -> [N, M]``."""
 
 
 def custom(fn: Callable[[jax.Array, jax.Array], jax.Array], *,
@@ -70,12 +82,26 @@ def custom(fn: Callable[[jax.Array, jax.Array], jax.Array], *,
   """Wraps ``fn(x, y) -> [N, M]`` as a metric usable by every loss.
 
   Args:
-    fn: pairwise function, ``x`` [N, D] (anchors), ``y`` [M, D] (references).
-    is_similarity: True if larger values mean more similar.
-    name: optional label.
+    fn: pairwise function of ``x`` [N, D] (anchors) and ``y`` [M, D]
+      (references), returning [N, M]; it receives float32 arrays.
+    is_similarity: True if larger values mean more similar; default False
+      (a distance or divergence).
+    name: optional label; default ``fn.__name__`` (or ``"custom"``).
 
   Returns:
     A :class:`Metric`.
+
+  Raises:
+    TypeError: if ``fn`` is not callable.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> manhattan = custom(lambda x, y: jnp.abs(x[:, None] - y[None]).sum(-1),
+    ...                    name="manhattan")
+    >>> manhattan.name, is_similarity(manhattan)
+    ('manhattan', False)
+    >>> pairwise(jnp.array([[0., 0.], [1., 2.]]), metric=manhattan).tolist()
+    [[0.0, 3.0], [3.0, 0.0]]
   """
   if not callable(fn):
     raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
@@ -89,12 +115,18 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = _EPS) -> jax.Array:
   input's dtype; the norm is accumulated in float32.
 
   Args:
-    x: array of any shape, floating point.
-    axis: the axis to normalise.
-    eps: floor of the norm.
+    x: floating-point array of any shape.
+    axis: the axis to normalise; default -1 (the last).
+    eps: floor of the norm; default 1e-12.
 
   Returns:
     Array of the shape and dtype of ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> y = l2_normalize(jnp.array([[3., 4.], [0., 0.]]))
+    >>> y.shape, jnp.linalg.norm(y, axis=-1).round(4).tolist()
+    ((2, 2), [1.0, 0.0])
   """
   x32 = x.astype(jnp.float32)
   sq = jnp.sum(x32 * x32, axis=axis, keepdims=True)
@@ -107,7 +139,22 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
   """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite) gradient at 0.
 
   Uses the double ``where`` so neither branch produces ``inf``; NaN inputs
-  stay NaN.
+  stay NaN. Non-positive entries give 0::
+
+    safe_sqrt(x) = sqrt(x) if x > 0 else 0
+
+  Args:
+    x: floating-point array of any shape (squared distances).
+
+  Returns:
+    Array of the shape and dtype of ``x``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> safe_sqrt(jnp.array([0., 4.])).tolist()
+    [0.0, 2.0]
+    >>> float(jax.grad(safe_sqrt)(0.0))
+    0.0
   """
   positive = x > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), x * 0.0)
@@ -141,13 +188,26 @@ _BUILTIN = {
 }
 
 METRIC_NAMES = tuple(_BUILTIN)
+"""Names of the built-in metrics: ``("euclidean", "squared_euclidean", "cosine", "dot")``."""
 
 
 def is_similarity(metric: MetricLike) -> bool:
   """True if larger values of ``metric`` mean more similar.
 
   Args:
-    metric: a built-in name or a callable (see :func:`custom`).
+    metric: a built-in name (:data:`METRIC_NAMES`) or a callable (see
+      :func:`custom`); a callable without an ``is_similarity`` attribute is
+      a distance.
+
+  Returns:
+    bool: True for ``"cosine"``, ``"dot"`` and similarity callables.
+
+  Raises:
+    ValueError / TypeError: on an unknown name or a non-callable.
+
+  Example:
+    >>> is_similarity("cosine"), is_similarity("euclidean")
+    (True, False)
   """
   if isinstance(metric, str):
     _checks.choice(metric, METRIC_NAMES, "distance")
@@ -162,12 +222,21 @@ def pairwise(x: jax.Array, y: jax.Array | None = None,
              metric: MetricLike = "euclidean") -> jax.Array:
   """Pairwise metric matrix between the rows of ``x`` and ``y``.
 
+  Entry ``(i, j)`` compares row ``x_i`` with row ``y_j``::
+
+    euclidean:          sqrt(max(||x_i||^2 + ||y_j||^2 - 2 <x_i, y_j>, 0))
+    squared_euclidean:  max(||x_i||^2 + ||y_j||^2 - 2 <x_i, y_j>, 0)
+    cosine:             <x_i, y_j> / (max(||x_i||, eps) max(||y_j||, eps))
+    dot:                <x_i, y_j>
+
+  Matrix products run at full float32 precision (``Precision.HIGHEST``).
+
   Args:
     x: [N, D] float array (f32, bf16 or f16).
     y: [M, D] float array, or None to compare ``x`` with itself. With
       ``y=None`` the Euclidean diagonal is exactly 0.
-    metric: ``"euclidean"``, ``"squared_euclidean"``, ``"cosine"``, ``"dot"``
-      or a callable ``fn(x, y) -> [N, M]``.
+    metric: ``"euclidean"`` (default), ``"squared_euclidean"``, ``"cosine"``,
+      ``"dot"`` or a callable ``fn(x, y) -> [N, M]`` (see :func:`custom`).
 
   Returns:
     [N, M] float32 matrix (M = N when ``y`` is None).
@@ -175,6 +244,14 @@ def pairwise(x: jax.Array, y: jax.Array | None = None,
   Raises:
     ValueError / TypeError: on a wrong rank, dtype, embedding size or an
       unknown metric name.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1., 0.], [0., 2.]])
+    >>> pairwise(x, jnp.array([[0., 0.], [1., 1.]]), "squared_euclidean").tolist()
+    [[1.0, 1.0], [4.0, 2.0]]
+    >>> pairwise(x, metric="cosine").tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
   """
   _checks.embeddings(x, "x")
   if y is not None:

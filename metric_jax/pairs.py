@@ -18,6 +18,9 @@ import jax.numpy as jnp
 from metric_jax import _checks
 from metric_jax import distances as distances_lib
 
+__all__ = ["PairMasks", "PairwiseProblem", "check_inputs", "label_masks", "prepare",
+           "zero_invalid_rows"]
+
 
 class PairMasks(NamedTuple):
   """Boolean masks over the [B, M] anchor x reference grid.
@@ -27,6 +30,12 @@ class PairMasks(NamedTuple):
     neg: [B, M] valid negative pairs (different labels).
     row_valid: [B] anchors that are real (``where``).
     col_valid: [M] references that are real (``ref_where``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> masks = label_masks(jnp.array([0, 0, 1]))
+    >>> masks.pos.shape, masks.pos.sum().item(), masks.neg.sum().item()
+    ((3, 3), 2, 4)
   """
   pos: jax.Array
   neg: jax.Array
@@ -40,6 +49,11 @@ def label_masks(labels: jax.Array, ref_labels: jax.Array | None = None, *,
                 exclude_self: bool | None = None,
                 pair_mask: jax.Array | None = None) -> PairMasks:
   """Positive and negative pair masks from integer labels.
+
+  With ``valid(i, j) = where_i and ref_where_j and pair_mask_ij``::
+
+    pos(i, j) = labels_i == ref_labels_j and valid(i, j) [and i != j]
+    neg(i, j) = labels_i != ref_labels_j and valid(i, j)
 
   Args:
     labels: [B] integer labels of the anchors.
@@ -55,6 +69,17 @@ def label_masks(labels: jax.Array, ref_labels: jax.Array | None = None, *,
 
   Returns:
     :class:`PairMasks`.
+
+  Raises:
+    ValueError: if ``exclude_self=True`` with M != B.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> masks = label_masks(jnp.array([0, 1]), jnp.array([0, 0, 1]))
+    >>> masks.pos.astype(int).tolist(), masks.neg.astype(int).tolist()
+    ([[1, 1, 0], [0, 0, 1]], [[0, 0, 1], [1, 1, 0]])
+    >>> label_masks(jnp.array([0, 0]), where=jnp.array([True, False])).pos.astype(int).tolist()
+    [[0, 0], [0, 0]]
   """
   b = labels.shape[0]
   same = ref_labels is None
@@ -88,6 +113,12 @@ class PairwiseProblem(NamedTuple):
     matrix: [B, M] float32 distances or similarities.
     is_similarity: True if ``matrix`` holds similarities.
     masks: :class:`PairMasks`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> problem = prepare(jnp.array([[0., 0.], [3., 4.]]), jnp.array([0, 1]))
+    >>> problem.matrix.tolist(), problem.is_similarity, problem.masks.neg.sum().item()
+    ([[0.0, 5.0], [5.0, 0.0]], False, 2)
   """
   matrix: jax.Array
   is_similarity: bool
@@ -96,7 +127,33 @@ class PairwiseProblem(NamedTuple):
 
 def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None,
                  where=None, ref_where=None, pair_mask=None) -> None:
-  """Validates the standard loss arguments of the public contract."""
+  """Validates the standard loss arguments of the public contract.
+
+  Args:
+    embeddings: [B, D] float anchors.
+    labels: [B] integer labels.
+    ref_embeddings: optional [M, D] float references (same D); default None.
+    ref_labels: [M] integer labels, given exactly when ``ref_embeddings`` is.
+    where: optional [B] bool validity of the anchors.
+    ref_where: optional [M] bool validity of the references.
+    pair_mask: optional [B, M] bool restriction of the pairs.
+
+  Returns:
+    None.
+
+  Raises:
+    ValueError / TypeError: naming the first argument of the wrong rank,
+      shape or dtype (or ``ref_embeddings`` / ``ref_labels`` given alone).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> check_inputs(jnp.zeros((2, 3)), jnp.array([0, 1]))
+    >>> try:
+    ...   check_inputs(jnp.zeros((2, 3)), jnp.array([0, 1]), ref_embeddings=jnp.zeros((4, 3)))
+    ... except ValueError as e:
+    ...   print(str(e)[:56])
+    `ref_embeddings` and `ref_labels` must be given together
+  """
   _checks.embeddings(embeddings, "embeddings")
   b = embeddings.shape[0]
   _checks.labels(labels, b, "labels")
@@ -118,7 +175,20 @@ def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None,
 
 def zero_invalid_rows(x: jax.Array, valid: jax.Array | None) -> jax.Array:
   """Zeroes masked rows so padding (even NaN padding) cannot leak into
-  valid rows' values or gradients."""
+  valid rows' values or gradients: ``out_i = x_i if valid_i else 0``.
+
+  Args:
+    x: [B, ...] array.
+    valid: [B] bool, False for the rows to zero; None keeps ``x`` as is.
+
+  Returns:
+    Array of the shape and dtype of ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> zero_invalid_rows(jnp.array([[1., 2.], [jnp.nan, 3.]]), jnp.array([True, False])).tolist()
+    [[1.0, 2.0], [0.0, 0.0]]
+  """
   if valid is None:
     return x
   return jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
@@ -133,18 +203,30 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
             pair_mask: jax.Array | None = None) -> PairwiseProblem:
   """Validates inputs, computes the [B, M] metric matrix and the label masks.
 
+  Invalid rows (``where`` / ``ref_where`` False) are zeroed before the
+  metric (:func:`zero_invalid_rows`), and the masks come from
+  :func:`label_masks` (self-pairs excluded when ``ref_embeddings`` is None).
+
   Args:
     embeddings: [B, D] anchors.
     labels: [B] integer labels.
-    ref_embeddings: [M, D] references, or None for the batch itself.
-    ref_labels: [M] integer labels of the references.
-    distance: metric name or callable (see :mod:`metric_jax.distances`).
-    where: [B] bool validity of anchors.
-    ref_where: [M] bool validity of references.
-    pair_mask: [B, M] bool restriction of the pairs (miners).
+    ref_embeddings: [M, D] references, or None (default) for the batch itself.
+    ref_labels: [M] integer labels of the references (default None).
+    distance: metric name or callable (see :mod:`metric_jax.distances`);
+      default ``"euclidean"``.
+    where: optional [B] bool validity of anchors.
+    ref_where: optional [M] bool validity of references.
+    pair_mask: optional [B, M] bool restriction of the pairs (miners).
 
   Returns:
     :class:`PairwiseProblem`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> emb = jnp.array([[1., 0.], [0., 1.], [1., 1.]])
+    >>> problem = prepare(emb, jnp.array([0, 0, 1]), distance="dot")
+    >>> problem.matrix.shape, problem.is_similarity, problem.masks.pos.sum().item()
+    ((3, 3), True, 2)
   """
   check_inputs(embeddings, labels, ref_embeddings, ref_labels, where,
                ref_where, pair_mask)

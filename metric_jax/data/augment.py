@@ -32,6 +32,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+__all__ = ["crop_and_resize", "preprocess", "sample_crop_box"]
+
 _ATTEMPTS = 10
 
 
@@ -59,19 +61,35 @@ def sample_crop_box(key: jax.Array, height: int, width: int,
 
   Args:
     key: a PRNG key.
-    height, width: static image size.
-    scale: (min, max) fraction of the image area.
-    ratio: (min, max) aspect ratio width / height.
+    height: static image height H (int).
+    width: static image width W (int).
+    scale: (min, max) fraction of the image area, ``0 < min <= max <= 1``;
+      default (0.16, 1.0).
+    ratio: (min, max) aspect ratio width / height, ``0 < min <= max``;
+      default (0.75, 1.333).
 
   Returns:
     int32 [4] ``(top, left, h, w)`` with ``0 <= top``, ``top + h <= height``,
     ``0 <= left``, ``left + w <= width``, ``h, w >= 1``.
+
+  Raises:
+    ValueError: if ``scale`` or ``ratio`` is not a valid (min, max) pair.
+
+  References:
+    Szegedy et al., "Going Deeper with Convolutions", CVPR 2015, arXiv
+    1409.4842 (the random-sized crop); torchvision ``RandomResizedCrop``
+    (the 10 attempts and the fallback box).
 
   Example:
     >>> import jax
     >>> box = sample_crop_box(jax.random.key(0), 32, 32)
     >>> box.shape, box.dtype
     ((4,), dtype('int32'))
+    >>> top, left, h, w = box.tolist()
+    >>> 0 <= top and top + h <= 32 and 0 <= left and left + w <= 32
+    True
+    >>> sample_crop_box(jax.random.key(0), 32, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0)).tolist()
+    [0, 0, 32, 32]
   """
   s0, s1 = _pair(scale, "crop_scale", low=0.0, high=1.0)
   r0, r1 = _pair(ratio, "crop_ratio", low=0.0, high=None)
@@ -110,13 +128,26 @@ def crop_and_resize(image: jax.Array, box: jax.Array, output_size: tuple[int, in
   crop with ``jax.image.resize(..., "linear", antialias=True)`` while
   keeping every shape static (the box may be traced).
 
+  Output pixel ``(r, c)`` samples the box at
+  ``(top + (r + 1/2) h / H' - 1/2, left + (c + 1/2) w / W' - 1/2)`` with a
+  triangle (bilinear) kernel, widened by the scale factor when downsampling
+  (antialiasing), normalised over the pixels inside the box.
+
   Args:
-    image: [H, W, C] float.
+    image: [H, W, C] float (or integer, cast to float32).
     box: [4] ``(top, left, h, w)`` (int or float, may be traced).
     output_size: static (H', W').
 
   Returns:
     [H', W', C] float32.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> image = jnp.zeros((4, 4, 1)).at[:2, :2].set(8.0)
+    >>> resize = jax.jit(crop_and_resize, static_argnums=2)  # box may be traced
+    >>> out = resize(image, jnp.array([0, 0, 2, 2]), (3, 3))
+    >>> out.shape, out.min().item(), out.max().item()
+    ((3, 3, 1), 8.0, 8.0)
   """
   height, width, channels = image.shape
   oh, ow = output_size
@@ -172,17 +203,29 @@ def preprocess(images: jax.Array, rng: jax.Array | None, *, train: bool,
     rng: PRNG key; only used when ``train`` and an augmentation is on (may be
       None otherwise).
     train: apply the random augmentations.
-    output_size: static (H', W'); None keeps (H, W).
-    random_resized_crop: take a random box (training only).
-    crop_scale: (min, max) area fraction of the random box.
-    crop_ratio: (min, max) aspect ratio (width / height) of the random box.
-    flip: random horizontal flip with probability 1/2 (training only).
-    mean, std: scalars or [C] per-channel values in the [0, 1] scale.
+    output_size: static (H', W'); None (default) keeps (H, W).
+    random_resized_crop: take a random box (training only); default False.
+    crop_scale: (min, max) area fraction of the random box; default
+      (0.16, 1.0).
+    crop_ratio: (min, max) aspect ratio (width / height) of the random box;
+      default (0.75, 1.333).
+    flip: random horizontal flip with probability 1/2 (training only);
+      default False.
+    mean: scalar or [C] per-channel mean in the [0, 1] scale; None (default)
+      subtracts nothing.
+    std: scalar or [C] per-channel standard deviation in the [0, 1] scale;
+      None (default) divides by nothing.
     center_crop: fraction of each side kept by the deterministic centre crop
-      (used at evaluation and when ``random_resized_crop`` is off).
+      (used at evaluation and when ``random_resized_crop`` is off); default
+      1.0 (no crop).
 
   Returns:
     [B, H', W', C] float32 ``(crop(x) / 255 - mean) / std``.
+
+  Raises:
+    ValueError / TypeError: on images that are not uint8 [B, H, W, C], a bad
+      ``output_size``, ``center_crop``, ``crop_scale``, ``crop_ratio``,
+      ``mean`` or ``std``, or a missing ``rng`` when one is needed.
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -20,14 +20,37 @@ import numpy as np
 
 from metric_jax import _checks
 
+__all__ = ["MPerClassSampler", "RandomSampler", "SAMPLER_NAMES", "Sampler", "build_sampler",
+           "register_sampler", "sampler_names"]
+
 
 class Sampler(Protocol):
-  """What the training loop needs from a sampler."""
+  """What the training loop needs from a sampler (a typing protocol).
+
+  Any object with an int ``batch_size`` and a ``batch_indices(step)`` method
+  returning [batch_size] int64 indices is a sampler: :class:`RandomSampler`,
+  :class:`MPerClassSampler`, or your own class (register it with
+  :func:`register_sampler`). ``batch_indices`` must be a pure function of the
+  sampler's seed and ``step`` so that resumed and multi-host runs agree.
+
+  Args:
+    *args: unused: a protocol is never instantiated; implement its two
+      members in a class of your own.
+    **kwargs: unused (see ``*args``).
+
+  Attributes:
+    batch_size: B, the number of indices of every batch.
+
+  Example:
+    >>> s: Sampler = RandomSampler(num_examples=10, batch_size=4)
+    >>> s.batch_size, s.batch_indices(3).shape
+    (4, (4,))
+  """
 
   batch_size: int
 
   def batch_indices(self, step: int) -> np.ndarray:
-    """[batch_size] int64 indices of the batch of training step ``step``."""
+    """[batch_size] int64 indices of the batch of training step ``step`` (an int >= 0)."""
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -70,15 +93,22 @@ class RandomSampler:
   repeat an example.
 
   Args:
-    num_examples: size of the source.
-    batch_size: B.
-    seed: non-negative int.
+    num_examples: N, the size of the source (positive int).
+    batch_size: B (positive int).
+    seed: non-negative int; default 0.
+
+  Raises:
+    ValueError: on a non-positive ``num_examples`` / ``batch_size`` or a
+      negative ``seed``.
 
   Example:
     >>> s = RandomSampler(10, 4, seed=0)
     >>> b = s.batch_indices(0)
     >>> b.shape, b.dtype, bool((b == s.batch_indices(0)).all())
     ((4,), dtype('int64'), True)
+    >>> sorted(s.batch_indices(0).tolist() + s.batch_indices(1).tolist()
+    ...        + s.batch_indices(2).tolist()[:2]) == list(range(10))
+    True
   """
 
   def __init__(self, num_examples: int, batch_size: int, seed: int = 0):
@@ -124,11 +154,15 @@ class MPerClassSampler:
     labels: [N] integer labels of the source.
     batch_size: B, a multiple of ``m``.
     m: examples per class in a batch.
-    seed: non-negative int.
+    seed: non-negative int; default 0.
 
   Raises:
     ValueError: when ``batch_size % m != 0`` or there are fewer than
       ``batch_size // m`` classes.
+
+  References:
+    Hermans, Beyer, Leibe, "In Defense of the Triplet Loss for Person
+    Re-Identification", arXiv 1703.07737, 2017 (P x K batches).
 
   Example:
     >>> import numpy as np
@@ -199,7 +233,26 @@ _SAMPLERS: dict[str, Callable[..., Sampler]] = {}
 
 def register_sampler(name: str, factory: Callable[..., Sampler]) -> None:
   """Makes ``build_sampler(name, labels, batch_size, seed, **kwargs)`` call
-  ``factory(labels, batch_size, seed=seed, **kwargs)``."""
+  ``factory(labels, batch_size, seed=seed, **kwargs)``.
+
+  A later registration under the same name replaces the earlier one.
+
+  Args:
+    name: the sampler's name in :func:`build_sampler` and configs.
+    factory: ``factory(labels [N], batch_size, seed=..., **kwargs)``
+      returning a :class:`Sampler`.
+
+  Returns:
+    None.
+
+  Example:
+    >>> import numpy as np
+    >>> register_sampler("every_other", lambda labels, batch_size, seed=0:
+    ...                  RandomSampler(len(labels) // 2, batch_size, seed=seed))
+    >>> build_sampler("every_other", np.arange(10), 3).num_examples
+    5
+    >>> del _SAMPLERS["every_other"]  # keep the registry as it was
+  """
   _SAMPLERS[name] = factory
 
 
@@ -222,12 +275,24 @@ def _load_plugins() -> None:
 
 
 def sampler_names() -> tuple[str, ...]:
-  """Names accepted by :func:`build_sampler`."""
+  """Names accepted by :func:`build_sampler`.
+
+  Imports the optional sampler modules first, so that their samplers
+  (e.g. ``"magnet"``, ``"lifted"``) are registered.
+
+  Returns:
+    tuple of str, the built-in :data:`SAMPLER_NAMES` first.
+
+  Example:
+    >>> sampler_names()[:2]
+    ('m_per_class', 'random')
+  """
   _load_plugins()
   return tuple(_SAMPLERS)
 
 
 SAMPLER_NAMES: tuple[str, ...] = ("m_per_class", "random")
+"""The samplers defined in this module (see :func:`sampler_names` for all)."""
 
 
 def build_sampler(name: str, labels, batch_size: int, seed: int = 0, **kwargs) -> Sampler:
@@ -235,14 +300,17 @@ def build_sampler(name: str, labels, batch_size: int, seed: int = 0, **kwargs) -
 
   Args:
     name: ``"m_per_class"`` (needs ``m=``), ``"random"``, or a name
-      registered with :func:`register_sampler`.
+      registered with :func:`register_sampler` (see :func:`sampler_names`).
     labels: [N] integer labels of the training source.
     batch_size: B.
-    seed: non-negative int.
-    **kwargs: the sampler's own options.
+    seed: non-negative int; default 0.
+    **kwargs: the sampler's own options (``m`` for ``"m_per_class"``).
 
   Returns:
-    An object with ``batch_indices(step) -> [batch_size] int64``.
+    A :class:`Sampler`: ``batch_indices(step) -> [batch_size] int64``.
+
+  Raises:
+    ValueError: on an unknown ``name`` or ``"m_per_class"`` without ``m``.
 
   Example:
     >>> import numpy as np

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+__all__ = ["ArraySource", "DataSplits", "Source", "SubsetSource", "class_split", "relabel"]
+
 
 def relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Maps arbitrary integer labels to contiguous ``0 .. C-1`` (sorted order).
@@ -64,6 +66,24 @@ class Source(abc.ABC):
       ``class_ids[k]`` (so ``class_ids[labels]`` for contiguous labels, and
       ``class_ids == np.unique(labels)`` for a source that was not relabelled).
     image_shape: ``(H, W, C)`` of every image returned by :meth:`images`.
+
+  A subclass sets these three attributes and implements ``_read(indices)``
+  (validated int64 [n] indices -> [n, H, W, C] uint8); :meth:`images`
+  validates the indices and the result.
+
+  Example:
+    >>> import numpy as np
+    >>> class Ramp(Source):
+    ...   def __init__(self, n):
+    ...     self.labels = np.arange(n, dtype=np.int32) % 2
+    ...     self.class_ids = np.array([0, 1])
+    ...     self.image_shape = (2, 2, 1)
+    ...   def _read(self, indices):
+    ...     return np.broadcast_to(indices.astype(np.uint8)[:, None, None, None],
+    ...                            (len(indices), 2, 2, 1)).copy()
+    >>> src = Ramp(5)
+    >>> len(src), src.num_classes, src.images(np.array([4, 1]))[:, 0, 0, 0].tolist()
+    (5, 2, [4, 1])
   """
 
   labels: np.ndarray
@@ -124,8 +144,13 @@ class ArraySource(Source):
   """A source over in-memory arrays.
 
   Args:
-    images: [N, H, W] or [N, H, W, C] uint8.
-    labels: [N] integers (kept as they are; see :func:`relabel`).
+    images: [N, H, W] or [N, H, W, C] uint8 (a missing channel axis is
+      added: C = 1).
+    labels: [N] integers (kept as they are, as int32; see :func:`relabel`).
+
+  Raises:
+    TypeError / ValueError: on non-uint8 images, a wrong rank, or labels that
+      are not [N] integers.
 
   Example:
     >>> import numpy as np
@@ -157,8 +182,16 @@ class SubsetSource(Source):
   Args:
     parent: any source.
     indices: [n] indices into ``parent``.
-    relabel_classes: map labels to ``0 .. C-1``; ``class_ids`` always names
-      the dataset's classes (composed through a relabelled parent).
+    relabel_classes: map labels to ``0 .. C-1`` (default True);
+      ``class_ids`` always names the dataset's classes (composed through a
+      relabelled parent).
+
+  Example:
+    >>> import numpy as np
+    >>> parent = ArraySource(np.arange(4, dtype=np.uint8).reshape(4, 1, 1), np.array([5, 5, 7, 9]))
+    >>> sub = SubsetSource(parent, np.array([3, 2]))
+    >>> sub.labels.tolist(), sub.class_ids.tolist(), int(sub.images(np.array([0]))[0, 0, 0, 0])
+    ([1, 0], [7, 9], 3)
   """
 
   def __init__(self, parent: Source, indices, *, relabel_classes: bool = True):
@@ -190,11 +223,14 @@ def class_split(source: Source, train_classes: Sequence[int] | np.ndarray
 
   Args:
     source: a source whose ``labels`` are dataset class ids.
-    train_classes: the label values that go to the train split.
+    train_classes: [K] label values that go to the train split.
 
   Returns:
     ``(train, test)`` subsets with disjoint classes, each relabelled to
     ``0 .. C-1`` in sorted class order (``class_ids`` keeps the original ids).
+
+  Raises:
+    ValueError: if ``train_classes`` selects no example or every example.
 
   Example:
     >>> import numpy as np
@@ -234,6 +270,14 @@ class DataSplits:
     test: the held-out split (its own contiguous labels).
     num_classes_train: number of classes of ``train``.
     image_shape: ``(H, W, C)`` of the images of both splits.
+
+  Example:
+    >>> import numpy as np
+    >>> src = ArraySource(np.zeros((4, 2, 2), np.uint8), np.array([0, 1, 2, 2]))
+    >>> train, test = class_split(src, [0, 1])
+    >>> splits = DataSplits(train, test, train.num_classes, train.image_shape)
+    >>> splits.num_classes_train, splits.num_classes_test, splits.image_shape
+    (2, 1, (2, 2, 1))
   """
 
   train: Source

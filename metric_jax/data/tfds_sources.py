@@ -28,6 +28,9 @@ import numpy as np
 from metric_jax.data import sources as sources_lib
 from metric_jax.data.sources import Source
 
+__all__ = ["DatasetNotPreparedError", "TFDS_DATASETS", "TfdsDataset", "TfdsSource",
+           "decode_image", "load_tfds"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TfdsDataset:
@@ -39,10 +42,15 @@ class TfdsDataset:
       ``train_classes`` is None, ``(train_split, test_split)`` used as they are.
     train_classes: number of classes (the first ones, in TFDS label order)
       of the train split; None to use the TFDS splits as given.
-    label_key: the ClassLabel feature.
-    image_size: default host image size.
-    channels: default number of channels of the returned images.
-    note: how the split relates to the literature.
+    label_key: the ClassLabel feature; default ``"label"``.
+    image_size: default host image size (square side); default 256.
+    channels: default number of channels of the returned images; default 3.
+    note: how the split relates to the literature; default ``""``.
+
+  Example:
+    >>> spec = TFDS_DATASETS["cars196"]
+    >>> spec.splits, spec.train_classes, spec.image_size
+    (('train', 'test'), 98, 256)
   """
 
   tfds_name: str
@@ -84,10 +92,28 @@ TFDS_DATASETS: dict[str, TfdsDataset] = {
         note="Oxford-IIIT Pet: first 18 / last 19 breeds, both TFDS splits pooled "
              "(a metric_jax convention)."),
 }
+"""The TFDS datasets :func:`metric_jax.data.load` knows, by name: CUB-200-2011
+(Wah et al. 2011), Cars196 (Krause et al. 2013), Stanford Online Products
+(Oh Song et al. 2016, arXiv 1511.06452), Omniglot (Lake et al. 2015),
+Stanford Dogs, Oxford 102 Flowers and Oxford-IIIT Pet; each
+:class:`TfdsDataset`'s ``note`` gives its train/test split."""
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-  """A TFDS dataset is not prepared (in the ArrayRecord format) in data_dir."""
+  """A TFDS dataset is not prepared (in the ArrayRecord format) in data_dir.
+
+  A ``FileNotFoundError``; its message gives the ``tfds build`` command that
+  prepares the dataset.
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as empty:
+    ...   try:
+    ...     load_tfds("omniglot", data_dir=empty)
+    ...   except DatasetNotPreparedError as e:
+    ...     print("tfds build omniglot --file_format=array_record" in str(e))
+    True
+  """
 
 
 def _tfds():
@@ -147,7 +173,29 @@ def decode_image(data: bytes, size: tuple[int, int], channels: int,
 
   Any PIL mode is converted (grey, palette, RGBA, CMYK -> RGB or L). JPEGs
   are decoded at a reduced scale when the target is much smaller
-  (``Image.draft``: never below the target size).
+  (``Image.draft``: never below the target size). The resize is PIL's
+  bilinear filter.
+
+  Args:
+    data: the encoded image file's bytes.
+    size: output ``(H, W)``.
+    channels: 1 (grey, PIL mode ``"L"``) or 3 (RGB).
+    mode: ``"center_crop"`` (default: the largest centred box with the
+      aspect ratio W / H, then resized) or ``"stretch"`` (the whole image
+      resized to ``size``).
+
+  Returns:
+    [H, W, channels] uint8 array.
+
+  Example:
+    >>> import io
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.fromarray(np.full((10, 20, 3), 200, np.uint8)).save(buf, format="PNG")
+    >>> out = decode_image(buf.getvalue(), (4, 4), channels=1)
+    >>> out.shape, out.dtype, int(out.min()), int(out.max())
+    ((4, 4, 1), dtype('uint8'), 200, 200)
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(io.BytesIO(data)) as img:
@@ -158,17 +206,43 @@ def decode_image(data: bytes, size: tuple[int, int], channels: int,
 class TfdsSource(Source):
   """Several TFDS splits of one dataset pooled into one random-access source.
 
+  Labels are read once at construction (every image left encoded); the
+  images of :meth:`images` are decoded and resized on demand
+  (:func:`decode_image`), in ``num_threads`` host threads. Example ``i`` of
+  the pooled source is example ``i - offset_k`` of split ``k``, the splits
+  laid end to end in the order given.
+
   Args:
     tfds_name: a TFDS dataset prepared in the ArrayRecord format.
     splits: TFDS split names, pooled in this order.
-    label_key: the integer/ClassLabel feature holding the class.
-    image_key: the image feature.
-    data_dir: the TFDS data directory (default: TFDS's).
-    image_size: output (H, W) (an int means square).
-    channels: 1 (grey) or 3 (RGB) channels in the output.
-    resize: ``"center_crop"`` (keep the aspect ratio: scale the shorter side,
-      crop the centre) or ``"stretch"`` (resize the whole image).
-    num_threads: host threads decoding and resizing images.
+    label_key: the integer/ClassLabel feature holding the class; default
+      ``"label"``.
+    image_key: the image feature; default ``"image"``.
+    data_dir: the TFDS data directory (default None: TFDS's).
+    image_size: output (H, W) (an int means square); default 256.
+    channels: 1 (grey) or 3 (RGB, the default) channels in the output.
+    resize: ``"center_crop"`` (default: keep the aspect ratio: scale the
+      shorter side, crop the centre) or ``"stretch"`` (resize the whole image).
+    num_threads: host threads decoding and resizing images; default 8.
+
+  Raises:
+    DatasetNotPreparedError: if the dataset is not prepared (as ArrayRecord)
+      in ``data_dir``.
+    ValueError: on an unknown feature or split, a bad ``resize`` or
+      ``channels``.
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as empty:
+    ...   try:
+    ...     TfdsSource("omniglot", ["train"], data_dir=empty, channels=1)
+    ...   except DatasetNotPreparedError as e:
+    ...     print(type(e).__name__)
+    DatasetNotPreparedError
+
+    With a prepared dataset: ``src = TfdsSource("cars196", ["train", "test"],
+    data_dir=DIR, image_size=224)``, then ``src.images(np.arange(8)).shape ==
+    (8, 224, 224, 3)``.
   """
 
   def __init__(self, tfds_name: str, splits: Sequence[str], *, label_key: str = "label",
@@ -240,22 +314,51 @@ def load_tfds(name: str, *, data_dir: str | None = None,
               protocol: str = "retrieval", num_threads: int = 8):
   """One of :data:`TFDS_DATASETS` as class-disjoint :class:`DataSplits`.
 
+  With ``train_classes = K``, the pooled splits' classes ``0 .. K-1`` (TFDS
+  label order) form the train split and the others the test split
+  (:func:`~metric_jax.data.class_split`); otherwise the dataset's own
+  class-disjoint TFDS splits are used.
+
   Args:
     name: a key of :data:`TFDS_DATASETS`.
-    data_dir: TFDS data directory holding the prepared dataset.
-    image_size: host image size (default: the dataset's, 256 or 28).
-    channels: 1 or 3 output channels (default: the dataset's).
-    resize: ``"center_crop"`` or ``"stretch"`` (see :class:`TfdsSource`).
+    data_dir: TFDS data directory holding the prepared dataset (default
+      None: TFDS's, or ``TFDS_DATA_DIR``).
+    image_size: host image size (default None: the dataset's, 256 or 28).
+    channels: 1 or 3 output channels (default None: the dataset's).
+    resize: ``"center_crop"`` (default) or ``"stretch"`` (see
+      :class:`TfdsSource`).
     protocol: ``"retrieval"`` (class-disjoint train/test, the default) or
       ``"classification"`` (TFDS's own train split(s) vs its ``test`` split,
       sharing classes; for the datasets whose retrieval split is by class).
       Labels are then the dataset's class ids in both splits (contiguous as
       long as every class occurs in the split, as in the real datasets).
-    num_threads: host decoding threads.
+    num_threads: host decoding threads; default 8.
 
   Returns:
     :class:`metric_jax.data.DataSplits`; ``test.class_ids`` name the
     dataset's classes.
+
+  Raises:
+    DatasetNotPreparedError: if the dataset is not prepared in ``data_dir``.
+    ValueError: on a bad ``protocol`` (or ``"classification"`` for a dataset
+      whose TFDS splits are class-disjoint).
+
+  References:
+    The retrieval splits follow Oh Song, Xiang, Jegelka, Savarese, "Deep
+    Metric Learning via Lifted Structured Feature Embedding", CVPR 2016,
+    arXiv 1511.06452 (CUB-200-2011, Cars196, Stanford Online Products).
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as empty:
+    ...   try:
+    ...     load_tfds("cars196", data_dir=empty)
+    ...   except DatasetNotPreparedError:
+    ...     print("not prepared")
+    not prepared
+
+    With a prepared dataset: ``splits = load_tfds("cars196", data_dir=DIR)``
+    gives ``splits.num_classes_train == splits.num_classes_test == 98``.
   """
   spec = TFDS_DATASETS[name]
   if protocol not in ("retrieval", "classification"):

@@ -19,14 +19,40 @@ import jax.numpy as jnp
 
 from metric_jax.models.heads import BN_EPSILON, BN_MOMENTUM
 
+__all__ = ["ConvNet"]
+
 
 class ConvNet(nn.Module):
   """Conv-BN-ReLU-pool stages, then global average pooling.
 
+  Stage ``i`` computes ``x = maxpool2x2(relu(BN_i(conv3x3_i(x))))`` (the
+  pool is skipped once the map is 1x1); the output is the spatial mean
+  ``[B, H', W', F] -> [B, F]`` with ``F = features[-1]``. Call it as
+  ``module.apply(variables, images [B, H, W, C], train)``; BN statistics
+  live in ``batch_stats``.
+
   Attributes:
-    features: channels of each stage.
-    dtype: compute dtype (parameters stay float32).
-    freeze_bn: use the running statistics even when ``train=True``.
+    features: channels of each stage; default (32, 64, 128).
+    dtype: compute dtype (parameters stay float32); default float32.
+    freeze_bn: use the running statistics even when ``train=True``;
+      default False.
+
+  References:
+    Vinyals, Blundell, Lillicrap, Kavukcuoglu, Wierstra, "Matching Networks
+    for One Shot Learning", NeurIPS 2016, arXiv 1606.04080 (the conv-4
+    embedding: ``features=(64, 64, 64, 64)``).
+
+  Example:
+    Shapes only (``jax.eval_shape`` traces without computing):
+
+    >>> import jax, jax.numpy as jnp
+    >>> net = ConvNet(features=(4, 8))
+    >>> x = jnp.ones((2, 28, 28, 1))
+    >>> variables = jax.eval_shape(lambda: net.init(jax.random.key(0), x, train=False))
+    >>> variables["params"]["conv2"]["kernel"].shape
+    (3, 3, 4, 8)
+    >>> jax.eval_shape(lambda v: net.apply(v, x, train=False), variables).shape
+    (2, 8)
   """
 
   features: Sequence[int] = (32, 64, 128)

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 from metric_jax.models.heads import BN_EPSILON, BN_MOMENTUM
 
+__all__ = ["ResNet", "STAGE_SIZES"]
+
 # torchvision's init: kaiming normal, fan_out, ReLU gain.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -40,6 +42,9 @@ STAGE_SIZES = {
     "resnet101": ((3, 4, 23, 3), "bottleneck"),
     "resnet152": ((3, 8, 36, 3), "bottleneck"),
 }
+"""``name -> (blocks per stage, block type)`` of the standard ResNets
+(He et al. 2016, Table 1): e.g. ``STAGE_SIZES["resnet50"] == ((3, 4, 6, 3),
+"bottleneck")``."""
 
 
 class _Block(nn.Module):
@@ -85,13 +90,39 @@ class _Block(nn.Module):
 class ResNet(nn.Module):
   """ResNet feature extractor (no classifier).
 
+  ``module.apply(variables, images [B, H, W, 3], train)`` returns
+  [B, 8 * width * expansion] float features (expansion 1 for ``"basic"``
+  blocks, 4 for ``"bottleneck"``): the stem, four stages whose channels
+  double (``width * 2**stage``, stride 2 from the second stage on), and a
+  global average pool. Each block computes ``relu(F(x) + shortcut(x))``.
+
   Attributes:
-    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
-    block: ``"basic"`` or ``"bottleneck"``.
-    width: channels of the first stage (64 in the standard nets).
-    dtype: compute dtype (parameters and BN statistics stay float32).
-    freeze_bn: BN layers always use (and never update) running statistics.
-    zero_init_residual: initialise the last BN scale of each block to 0.
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) (the default) for
+      ResNet-18; see :data:`STAGE_SIZES`.
+    block: ``"basic"`` (default) or ``"bottleneck"``.
+    width: channels of the first stage (64, the default, in the standard nets).
+    dtype: compute dtype (parameters and BN statistics stay float32); default
+      float32.
+    freeze_bn: BN layers always use (and never update) running statistics;
+      default False.
+    zero_init_residual: initialise the last BN scale of each block to 0;
+      default False.
+
+  References:
+    He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition",
+    CVPR 2016, arXiv 1512.03385.
+
+  Example:
+    Shapes only (``jax.eval_shape`` traces without computing):
+
+    >>> import jax, jax.numpy as jnp
+    >>> net = ResNet(stage_sizes=(1, 1, 1, 1), block="bottleneck", width=4)
+    >>> x = jnp.ones((2, 32, 32, 3))
+    >>> variables = jax.eval_shape(lambda: net.init(jax.random.key(0), x, train=False))
+    >>> variables["batch_stats"]["layer2_0"]["downsample_1"]["mean"].shape
+    (32,)
+    >>> jax.eval_shape(lambda v: net.apply(v, x, train=False), variables).shape
+    (2, 128)
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)

@@ -38,6 +38,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+__all__ = ["load_torch_resnet", "normalize_state_dict", "read_state_dict",
+           "torch_resnet_to_flax"]
+
 _IGNORED = re.compile(r"(^fc\.|\.num_batches_tracked$|^num_batches_tracked$)")
 _PREFIXES = ("module.", "model.", "backbone.")
 
@@ -57,7 +60,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   A checkpoint that wraps the weights (``{"state_dict": ...}``,
   ``{"model": ...}``) is unwrapped; ``module.`` / ``model.`` / ``backbone.``
-  prefixes are removed.
+  prefixes are removed (see :func:`normalize_state_dict`).
+
+  Args:
+    path: the checkpoint file (str or path-like).
+
+  Returns:
+    dict of torch parameter name -> NumPy array (bfloat16 / float16 torch
+    tensors come back as float32).
+
+  Raises:
+    FileNotFoundError: if ``path`` is not a file.
+    ImportError: for a torch file when torch is not installed.
+
+  Example:
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   path = os.path.join(d, "w.safetensors")
+    ...   save_file({"module.bn1.running_mean": np.zeros(4, np.float32)}, path)
+    ...   state = read_state_dict(path)
+    >>> {k: v.shape for k, v in state.items()}
+    {'bn1.running_mean': (4,)}
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -76,7 +101,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def normalize_state_dict(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Unwraps a checkpoint dict, strips wrapper prefixes, converts to NumPy."""
+  """Unwraps a checkpoint dict, strips wrapper prefixes, converts to NumPy.
+
+  The first of the keys ``"state_dict"``, ``"model"``,
+  ``"model_state_dict"``, ``"module"`` whose value is a mapping is taken as
+  the weights; then one leading ``module.`` / ``model.`` / ``backbone.`` is
+  removed from each name (as left by ``DataParallel`` or timm wrappers).
+
+  Args:
+    state: a mapping of names to torch tensors or arrays, possibly wrapped.
+
+  Returns:
+    dict of name -> NumPy array (half-precision torch tensors as float32).
+
+  Example:
+    >>> import numpy as np
+    >>> out = normalize_state_dict({"state_dict": {"module.conv1.weight": np.ones((2, 3, 1, 1))},
+    ...                             "epoch": 3})
+    >>> list(out), out["conv1.weight"].shape
+    (['conv1.weight'], (2, 3, 1, 1))
+  """
   for key in ("state_dict", "model", "model_state_dict", "module"):
     if key in state and isinstance(state[key], Mapping):
       state = state[key]
@@ -135,6 +179,35 @@ def torch_resnet_to_flax(state_dict: Mapping[str, Any], variables):
   Raises:
     ValueError: missing, unused or mis-shaped tensors (the architecture does
       not match the checkpoint).
+
+  Example:
+    A torch-style state dict for a tiny ResNet, built from the Flax names
+    (``layer2_0/downsample_0/kernel`` [kh, kw, I, O] is torch
+    ``layer2.0.downsample.0.weight`` [O, I, kh, kw]); only the shapes of
+    ``variables`` matter here, so ``jax.eval_shape`` stands in for ``init``:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from metric_jax.models import ResNet
+    >>> net = ResNet(stage_sizes=(1, 1, 1, 1), width=4)
+    >>> variables = jax.eval_shape(
+    ...     lambda: net.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False))
+    >>> torch_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias",
+    ...               "mean": "running_mean", "var": "running_var"}
+    >>> state = {"fc.weight": np.zeros((10, 32))}  # the classifier is dropped
+    >>> for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    ...   *modules, leaf = [p.key for p in path][1:]
+    ...   name = ".".join([m.replace("_", ".") for m in modules] + [torch_leaf[leaf]])
+    ...   shape = (v.shape[3], v.shape[2], v.shape[0], v.shape[1]) if leaf == "kernel" else v.shape
+    ...   state[name] = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    >>> new = torch_resnet_to_flax(state, variables)
+    >>> state["layer2.0.downsample.0.weight"].shape
+    (8, 4, 1, 1)
+    >>> kernel = new["params"]["layer2_0"]["downsample_0"]["kernel"]
+    >>> torch_kernel = state["layer2.0.downsample.0.weight"]
+    >>> kernel.shape, bool((kernel == torch_kernel.transpose(2, 3, 1, 0)).all())
+    ((1, 1, 4, 8), True)
+    >>> bool((new["batch_stats"]["bn1"]["var"] == state["bn1.running_var"]).all())
+    True
   """
   state = normalize_state_dict(state_dict)
   params, stats, nested = _backbone_subtrees(variables)
@@ -210,6 +283,28 @@ def load_torch_resnet(path: str | os.PathLike | Mapping[str, Any], variables):
   Returns:
     Variables with the backbone's ``params`` and ``batch_stats`` replaced by
     the checkpoint's (the embedding head keeps its initialisation).
+
+  Raises:
+    FileNotFoundError / ValueError: see :func:`read_state_dict` and
+      :func:`torch_resnet_to_flax`.
+
+  Example:
+    A checkpoint that does not fit the model is rejected, naming the
+    tensors:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from metric_jax import models
+    >>> model = models.build_model("resnet18", embedding_dim=8, width=4)
+    >>> variables = jax.eval_shape(  # shapes suffice to check a checkpoint
+    ...     lambda: model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False))
+    >>> try:
+    ...   load_torch_resnet({"conv1.weight": np.zeros((64, 3, 7, 7))}, variables)
+    ... except ValueError as e:
+    ...   print("conv1.weight: checkpoint (7, 7, 3, 64) vs model (7, 7, 3, 4)" in str(e))
+    True
+
+    With a real file: ``load_torch_resnet("resnet50-11ad3fa6.pth", variables)``
+    (see the module docstring).
   """
   state = path if isinstance(path, Mapping) else read_state_dict(path)
   return torch_resnet_to_flax(state, variables)
