@@ -22,6 +22,7 @@ Options: ``runlocal`` (a few steps of a tiny ConvNet, for tests).
 Results: experiments/magnet/README.md.
 """
 
+from configs import _magnet
 from configs import digits
 
 
@@ -29,15 +30,7 @@ def get_config(arg: str | None = None):
   c = digits.get_config(arg)
   runlocal = "runlocal" in (arg or "")
   with c.unlocked():
-    c.loss.name = "magnet_loss"
-    c.loss.kwargs = {"alpha": 1.0}
-    c.loss.normalize_embeddings = False
-    c.sampler.name = "magnet"
-    c.sampler.kwargs = {"clusters_per_batch": 5, "examples_per_cluster": 8,
-                        "clusters_per_class": 2}
-    c.sampler.refresh_every = 50
-    c.sampler.update_every = 1
+    _magnet.use_magnet(c, clusters_per_batch=5, examples_per_cluster=8, clusters_per_class=2,
+                       refresh_every=3 if runlocal else 50)
     c.eval.nearest_cluster_L = 8
-    if runlocal:
-      c.sampler.refresh_every = 3
   return c

@@ -17,6 +17,7 @@ Launch:
 Results: experiments/magnet/README.md.
 """
 
+from configs import _magnet
 from configs import omniglot
 
 
@@ -24,16 +25,6 @@ def get_config(arg: str | None = None):
   c = omniglot.get_config(arg)
   runlocal = "runlocal" in (arg or "")
   with c.unlocked():
-    c.loss.name = "magnet_loss"
-    c.loss.kwargs = {"alpha": 1.0}
-    c.loss.normalize_embeddings = False
-    c.sampler.name = "magnet"
-    c.sampler.kwargs = {"clusters_per_batch": 16, "examples_per_cluster": 8,
-                        "clusters_per_class": 1}
-    c.sampler.refresh_every = 100
-    c.sampler.update_every = 1
-    if runlocal:
-      c.sampler.kwargs = {"clusters_per_batch": 4, "examples_per_cluster": 8,
-                          "clusters_per_class": 1}
-      c.sampler.refresh_every = 2
+    _magnet.use_magnet(c, clusters_per_batch=4 if runlocal else 16, examples_per_cluster=8,
+                       clusters_per_class=1, refresh_every=2 if runlocal else 100)
   return c

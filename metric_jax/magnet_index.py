@@ -56,6 +56,16 @@ class MagnetIndex(NamedTuple):
     variance: running average of the batch sigma^2 (1.0 before any update).
     variance_count: number of batch variances averaged so far.
     clusters_per_class: K.
+
+  Built by :func:`build_index`; never mutated (updates return a new index
+  through ``_replace``).
+
+  Example:
+    >>> import jax, numpy as np
+    >>> x = np.array([[0.], [1.], [5.], [6.]], np.float32)
+    >>> idx = build_index(x, np.array([0, 0, 1, 1]), clusters_per_class=1, key=jax.random.key(0))
+    >>> idx.center_classes.tolist(), idx.assignments.tolist(), idx.variance
+    ([0, 1], [0, 0, 1, 1], 1.0)
   """
   centers: np.ndarray
   center_classes: np.ndarray
@@ -156,13 +166,27 @@ def refresh(index: MagnetIndex, embeddings, key: jax.Array, *,
   ``index.centers``; running losses and variance are kept.
 
   Args:
-    index: the current index.
-    embeddings: [N, D] new embeddings (same examples, same order).
-    key: PRNG key.
-    num_iters: Lloyd iterations.
+    index: the current :class:`MagnetIndex`.
+    embeddings: [N, D] float new embeddings of the same N training examples,
+      in the same order (D must match ``index.centers``).
+    key: PRNG key of the k-means (same key, same result).
+    num_iters: Lloyd iterations (default 20).
 
   Returns:
-    The refreshed :class:`MagnetIndex`.
+    The refreshed :class:`MagnetIndex` (new ``centers``, ``assignments``
+    and ``cluster_sizes``; everything else unchanged).
+
+  Raises:
+    ValueError: if D differs from the index's embedding size.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> x = np.array([[0.], [1.], [5.], [6.]], np.float32)
+    >>> idx = build_index(x, np.array([0, 0, 1, 1]), clusters_per_class=1, key=jax.random.key(0))
+    >>> idx = update_losses(idx, np.array([0]), np.array([3.]))
+    >>> new = refresh(idx, x + 10, jax.random.key(1))
+    >>> new.centers.ravel().tolist(), new.cluster_loss.tolist()
+    ([10.5, 15.5], [3.0, 1.0])
   """
   embeddings = np.asarray(embeddings, np.float32)
   _check_inputs(embeddings, index.labels)
@@ -214,14 +238,26 @@ def update_losses(index: MagnetIndex, cluster_ids, losses) -> MagnetIndex:
 def update_variance(index: MagnetIndex, variance, *, momentum: float | None = None) -> MagnetIndex:
   """Running average of the batch variance (used by the prediction).
 
+  The first update replaces the initial 1.0; later ones average.
+
   Args:
-    index: the current index.
+    index: the current :class:`MagnetIndex`.
     variance: scalar batch sigma^2 (``magnet_loss(..., return_variance=True)``).
-    momentum: None for the mean of all batches so far, else an exponential
-      average ``momentum * old + (1 - momentum) * new``.
+    momentum: None (default) for the mean of all batches so far, else an
+      exponential average ``momentum * old + (1 - momentum) * new``.
 
   Returns:
-    The index with updated ``variance``.
+    The index with updated ``variance`` and ``variance_count``.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> x = np.array([[0.], [1.], [5.], [6.]], np.float32)
+    >>> idx = build_index(x, np.array([0, 0, 1, 1]), clusters_per_class=1, key=jax.random.key(0))
+    >>> idx = update_variance(update_variance(idx, 2.0), 4.0)
+    >>> idx.variance, idx.variance_count
+    (3.0, 2)
+    >>> update_variance(idx, 1.0, momentum=0.5).variance
+    2.0
   """
   v = float(variance)
   n = index.variance_count

@@ -51,8 +51,6 @@ def test_public_loss_docstrings_are_complete(name):
 # Being documented by their owners: exempt from the completeness check below
 # (their doctests still run in test_doctests). Keep this list explicit and small.
 DOC_COMPLETENESS_EXEMPT = (
-    "metric_jax.training",      # and its submodules
-    "metric_jax.magnet_index",
     "metric_jax.sharding",
     "metric_jax.streaming",     # and its submodules
 )

@@ -54,7 +54,20 @@ STRUCTURAL_KEYS = ("data.name", "model.name", "model.embedding_dim", "loss.name"
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to a temporary file in the same directory, fsyncs it
   and renames it over ``path``: readers see the old or the new file, never
-  a partial one."""
+  a partial one.
+
+  Args:
+    path: the destination file; missing parent directories are created.
+      The file gets mode 0644.
+    data: the bytes to write.
+
+  Example:
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "sub" / "blob.bin"
+    >>> atomic_write_bytes(path, b"abc")
+    >>> path.read_bytes(), sorted(p.name for p in path.parent.iterdir())
+    (b'abc', ['blob.bin'])
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -72,6 +85,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8.
+
+  Args:
+    path: the destination file; missing parent directories are created.
+    text: the string to write.
+
+  Example:
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
+    >>> atomic_write_text(path, "old"); atomic_write_text(path, "new")
+    >>> path.read_text(encoding="utf-8")
+    'new'
+  """
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -92,13 +118,43 @@ def _json_default(x: Any):
 
 
 def save_config(workdir: str | os.PathLike, config: Any) -> None:
-  """Stores ``config`` as ``workdir/config.json`` (atomically)."""
+  """Stores ``config`` as ``workdir/config.json`` (atomically, sorted keys,
+  2-space indent).
+
+  Args:
+    workdir: the run directory (created if missing).
+    config: a ``ConfigDict`` or a JSON-able mapping; tuples become lists,
+      NumPy scalars numbers and other objects their ``repr``.
+
+  Example:
+    >>> import tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> save_config(workdir, {"model": {"name": "resnet50", "embedding_dim": 128}})
+    >>> load_config(workdir)["model"]
+    {'embedding_dim': 128, 'name': 'resnet50'}
+  """
   atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE,
                     json.dumps(_to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def load_config(workdir: str | os.PathLike) -> dict | None:
-  """The stored config as a dict, or None if the workdir has none."""
+  """The stored config as a dict, or None if the workdir has none.
+
+  Args:
+    workdir: the run directory (reads ``workdir/config.json``).
+
+  Returns:
+    The dict written by :func:`save_config`, or None.
+
+  Example:
+    >>> import tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> load_config(workdir) is None
+    True
+    >>> save_config(workdir, {"seed": 3, "steps": (1, 2)})
+    >>> load_config(workdir)
+    {'seed': 3, 'steps': [1, 2]}
+  """
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return None
@@ -118,7 +174,22 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(stored: dict, config: Any) -> dict[str, tuple[Any, Any]]:
-  """``{dotted key: (stored value, new value)}`` for every differing field."""
+  """``{dotted key: (stored value, new value)}`` for every differing field.
+
+  Args:
+    stored: the stored config, as returned by :func:`load_config`.
+    config: the new config (``ConfigDict`` or mapping; nested dicts are
+      compared leaf by leaf under dotted keys).
+
+  Returns:
+    The differing fields, sorted by key; a field present on one side only
+    has ``"<absent>"`` on the other.
+
+  Example:
+    >>> stored = {"model": {"name": "resnet50"}, "seed": 0}
+    >>> config_differences(stored, {"model": {"name": "resnet50"}, "seed": 1, "extra": 2})
+    {'extra': ('<absent>', 2), 'seed': (0, 1)}
+  """
   a, b = _flatten(stored), _flatten(_to_dict(config))
   return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
           for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}
@@ -139,6 +210,26 @@ def check_compatible(workdir: str | os.PathLike, config: Any, abstract_state: An
   Returns:
     The config differences that are allowed (e.g. a longer
     ``num_train_steps``), ``{key: (stored, new)}``.
+
+  Raises:
+    ValueError: when a :data:`STRUCTURAL_KEYS` field differs from the
+      stored config or a state leaf differs in path, shape or dtype; the
+      message lists every difference.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> workdir = tempfile.mkdtemp()
+    >>> save_config(workdir, {"model": {"name": "resnet50"}, "num_train_steps": 10})
+    >>> abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    >>> stored = {"w": ((3,), "float32")}
+    >>> check_compatible(workdir, {"model": {"name": "resnet50"}, "num_train_steps": 20},
+    ...                  abstract, stored, step=10)
+    {'num_train_steps': (10, 20)}
+    >>> check_compatible(workdir, {"model": {"name": "vit"}, "num_train_steps": 10},
+    ...                  abstract, {"w": ((4,), "float32")}, step=10)
+    Traceback (most recent call last):
+    ...
+    ValueError: workdir '...' holds a checkpoint (step 10) of a different configuration; ...
   """
   stored_config = load_config(workdir)
   diffs = config_differences(stored_config, config) if stored_config is not None else {}
@@ -173,6 +264,23 @@ class Checkpointer:
     max_to_keep: number of most recent checkpoints kept.
     async_save: write in a background thread (call :meth:`wait` before
       exiting; :meth:`close` does).
+
+  Raises:
+    ValueError: if ``max_to_keep < 1``.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> ckpt = Checkpointer(tempfile.mkdtemp() + "/checkpoints", async_save=False)
+    >>> ckpt.latest_step() is None
+    True
+    >>> ckpt.save(5, {"w": jnp.arange(3.0)})
+    True
+    >>> ckpt.latest_step(), ckpt.stored_structure(5)
+    (5, {'w': ((3,), 'float32')})
+    >>> abstract = jax.eval_shape(lambda: {"w": jnp.zeros(3)})
+    >>> ckpt.restore(abstract)["w"].tolist()
+    [0.0, 1.0, 2.0]
+    >>> ckpt.close()
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,

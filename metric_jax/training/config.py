@@ -46,7 +46,21 @@ PROJECTIONS = ("pca", "tsne", "none")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All config fields with their defaults (unlocked; configs lock it)."""
+  """All config fields with their defaults (unlocked; configs lock it).
+
+  The defaults train the small ``convnet`` on ``digits`` with the semi-hard
+  triplet loss (margin 0.2), PK batches of 64 (m = 4 per class) and AdamW
+  with cosine decay; see the module docstring for the field list.
+
+  Returns:
+    A fresh, unlocked ``ml_collections.ConfigDict``.
+
+  Example:
+    >>> c = base_config()
+    >>> c.data.name, c.model.name, c.loss.name, c.batch_size, c.optimizer.schedule
+    ('digits', 'convnet', 'triplet_margin_loss', 64, 'cosine')
+    >>> validate(c)   # the defaults are valid
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 64
@@ -145,7 +159,30 @@ def _positive(config, key: str, minimum: int = 1) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values and names; raises ``ValueError`` naming the field."""
+  """Checks values and names; raises ``ValueError`` naming the field.
+
+  Checks the positive integers (batch sizes, step counts, intervals), the
+  names of the compute dtype, projection, optimiser and schedule, the loss
+  and its hyper-parameters (by building :func:`objective_from_config`) and
+  the distance / Bregman / magnet settings
+  (:func:`metric_jax.training.objective.check_config`).
+
+  Args:
+    config: a config built on :func:`base_config` (locked or not).
+
+  Raises:
+    ValueError: naming the first invalid field, what it must be and what it
+      is.
+
+  Example:
+    >>> c = base_config()
+    >>> validate(c)
+    >>> c.batch_size = 0
+    >>> validate(c)
+    Traceback (most recent call last):
+    ...
+    ValueError: `config.batch_size` must be an int >= 1, got 0.
+  """
   _positive(config, "batch_size")
   _positive(config, "num_train_steps")
   _positive(config, "log_every")
@@ -188,10 +225,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def objective_from_config(config: ml_collections.ConfigDict, main_fn=None):
   """The :class:`metric_jax.losses.Objective` of ``config.loss``.
 
-  ``main_fn`` replaces the main term's loss function (same name, same
-  learned parameters; :class:`metric_jax.training.objective.TrainObjective`
-  uses it to pass per-call inputs such as a learned ``distance`` or the
-  batch's ``cluster_ids``).
+  The main term is ``config.loss.name`` with ``weight``, ``kwargs``,
+  ``init_kwargs`` and ``learned``; each ``config.loss.extra_terms[key]``
+  adds a term under ``key``.
+
+  Args:
+    config: a config built on :func:`base_config`.
+    main_fn: None (default: the loss named ``config.loss.name``) or a
+      function replacing the main term's loss (same ``__name__``, so the
+      same learned parameters;
+      :class:`metric_jax.training.objective.TrainObjective` uses it to pass
+      per-call inputs such as a learned ``distance`` or the batch's
+      ``cluster_ids``).
+
+  Returns:
+    The objective ``(embeddings [B, E], labels [B], loss_params) ->
+    (total, terms)``.
+
+  Raises:
+    ValueError: for an unknown loss name, bad hyper-parameters or an extra
+      term without a ``name``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = base_config()
+    >>> c.loss.extra_terms = {"tc": {"name": "triplet_center_loss", "weight": 0.1}}
+    >>> obj = objective_from_config(c)
+    >>> params = obj.init_params(jax.random.key(0), 3, 4)
+    >>> sorted(params), params["tc"]["centers"].shape
+    (['tc', 'triplet_margin_loss'], (3, 4))
   """
   from metric_jax.losses import composition
   loss = config.loss
@@ -212,7 +274,26 @@ def objective_from_config(config: ml_collections.ConfigDict, main_fn=None):
 
 def preprocess_from_config(config: ml_collections.ConfigDict):
   """``preprocess(images_uint8, rng, train) -> float32`` from ``config.data``
-  (``metric_jax.data.augment.preprocess`` with the config's options)."""
+  (``metric_jax.data.augment.preprocess`` with the config's options).
+
+  Args:
+    config: a config built on :func:`base_config`; reads ``data.image_size``
+      (None: native size), ``center_crop``, ``crop_scale``,
+      ``random_resized_crop``, ``flip``, ``mean`` and ``std``.
+
+  Returns:
+    ``preprocess(images [B, H, W, C] uint8, rng, train) -> [B, S, S, C]
+    float32`` (S = ``data.image_size``, or H x W when None); random
+    augmentations only when ``train``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = base_config()    # native size, no mean / std: values scaled to [0, 1]
+    >>> preprocess = preprocess_from_config(c)
+    >>> x = preprocess(jnp.full((2, 3, 3, 1), 255, jnp.uint8), jax.random.key(0), False)
+    >>> x.shape, x.dtype, round(float(x.mean()), 4)
+    ((2, 3, 3, 1), dtype('float32'), 1.0)
+  """
   from metric_jax.data import augment
   d = config.data
   size = None if d.image_size is None else (d.image_size, d.image_size)
@@ -245,7 +326,22 @@ def _assign(cfg: ml_collections.ConfigDict, values: dict) -> None:
 
 def config_from_dict(values: dict) -> ml_collections.ConfigDict:
   """A locked config from a stored ``config.json`` dict (on top of
-  :func:`base_config`, so every field keeps its type)."""
+  :func:`base_config`, so every field keeps its type).
+
+  Args:
+    values: a nested dict of overrides (e.g.
+      :func:`metric_jax.training.checkpoint.load_config`); lists become
+      tuples, dicts under fields absent from :func:`base_config` become new
+      ``ConfigDict`` s.
+
+  Returns:
+    The locked ``ml_collections.ConfigDict``.
+
+  Example:
+    >>> c = config_from_dict({"batch_size": 32, "eval": {"k_values": [1, 5]}})
+    >>> c.batch_size, c.eval.k_values, c.seed
+    (32, (1, 5), 0)
+  """
   cfg = base_config()
   _assign(cfg, values)
   cfg.lock()
@@ -253,7 +349,25 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
 
 
 def config_from_workdir(workdir) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` was started with."""
+  """The config a run in ``workdir`` was started with.
+
+  Args:
+    workdir: the run directory holding ``config.json``.
+
+  Returns:
+    :func:`config_from_dict` of the stored config (locked).
+
+  Raises:
+    FileNotFoundError: if ``workdir`` has no ``config.json``.
+
+  Example:
+    >>> import tempfile
+    >>> from metric_jax.training import checkpoint
+    >>> workdir = tempfile.mkdtemp()
+    >>> checkpoint.save_config(workdir, {"num_train_steps": 7})
+    >>> config_from_workdir(workdir).num_train_steps
+    7
+  """
   from metric_jax.training import checkpoint
   stored = checkpoint.load_config(workdir)
   if stored is None:
@@ -264,7 +378,25 @@ def config_from_workdir(workdir) -> ml_collections.ConfigDict:
 
 def parse_config_arg(arg: str | None, allowed) -> set[str]:
   """Options of a config string: ``"runlocal,contrastive"`` ->
-  ``{"runlocal", "contrastive"}``; unknown options raise ``ValueError``."""
+  ``{"runlocal", "contrastive"}``; unknown options raise ``ValueError``.
+
+  Args:
+    arg: comma-separated options (blanks ignored), or None for none.
+    allowed: the valid option names (any iterable of str).
+
+  Returns:
+    The set of options.
+
+  Example:
+    >>> sorted(parse_config_arg("runlocal, contrastive", {"runlocal", "contrastive"}))
+    ['contrastive', 'runlocal']
+    >>> parse_config_arg(None, {"runlocal"})
+    set()
+    >>> parse_config_arg("fast", {"runlocal"})
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown config option(s) ['fast'] in 'fast'; valid: ['runlocal'].
+  """
   opts = {a.strip() for a in (arg or "").split(",") if a.strip()}
   unknown = opts - set(allowed)
   if unknown:
@@ -289,6 +421,25 @@ def image_retrieval_config(dataset: str, *, num_train_steps: int, embedding_dim:
   mean/std; semi-hard triplet loss (margin 0.2); AdamW with cosine decay;
   bf16 compute. With ``runlocal``: a width-8 ResNet-18 on 32x32 crops for a
   few steps (tests and smoke runs on prepared or mock TFDS data).
+
+  Args:
+    dataset: TFDS-style dataset name of ``config.data.name`` (e.g.
+      ``"cub200"``, ``"cars196"``, ``"sop"``).
+    num_train_steps: length of the run (ignored with ``runlocal``: 4).
+    embedding_dim: E of the linear head (default 512; 16 with
+      ``runlocal``).
+    runlocal: the tiny smoke-test variant (default False).
+
+  Returns:
+    The unlocked ``ml_collections.ConfigDict``.
+
+  Example:
+    >>> c = image_retrieval_config("cub200", num_train_steps=10000)
+    >>> c.model.name, c.model.embedding_dim, c.data.image_size, c.compute_dtype
+    ('resnet50', 512, 224, 'bfloat16')
+    >>> small = image_retrieval_config("cub200", num_train_steps=10000, runlocal=True)
+    >>> small.model.name, small.num_train_steps, small.data.image_size
+    ('resnet18', 4, 32)
   """
   c = base_config()
   c.data.name = dataset

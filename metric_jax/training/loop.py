@@ -74,7 +74,37 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything built from a config (see :func:`setup`)."""
+  """Everything built from a config (see :func:`setup`).
+
+  Attributes:
+    config: the validated run config.
+    workdir: the run directory (``pathlib.Path``).
+    mesh: the data mesh (``config.num_devices`` devices, axis ``"data"``).
+    splits: the dataset splits of ``metric_jax.data.load`` (``train``,
+      ``test``, ``num_classes_train``, ``image_shape``).
+    model: the Flax module ``(images, train) -> [B, E]``.
+    objective: the :class:`~metric_jax.training.objective.TrainObjective`.
+    tx: the optimiser of ``{"model": ..., "loss": ...}``.
+    schedules: ``{"model": schedule, "loss": schedule}``.
+    preprocess: ``(images_uint8, rng, train) -> float32``.
+    input_shape: ``(H, W, C)`` of the preprocessed images.
+    init_key: PRNG key of the state initialisation.
+    train_key: base PRNG key of the train steps (folded with the step).
+    abstract_state: ``jax.eval_shape`` of the initial
+      :class:`~metric_jax.training.state.TrainState`.
+    state_shardings: shardings of the state (replicated over the mesh).
+    embed: the jitted ``embed(params, batch_stats, images) -> [B, E]``.
+    sampler: the batch sampler built for validation (default None; the
+      loop builds its own).
+
+  Example:
+    A full :func:`setup` loads data and builds the model (seconds); the
+    fields:
+
+    >>> import dataclasses
+    >>> [f.name for f in dataclasses.fields(Experiment)][:6]
+    ['config', 'workdir', 'mesh', 'splits', 'model', 'objective']
+  """
   config: Any
   workdir: pathlib.Path
   mesh: jax.sharding.Mesh
@@ -147,7 +177,37 @@ def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
 
 
 def setup(config, workdir) -> Experiment:
-  """Builds mesh, data, model, objective, optimiser and abstract state."""
+  """Builds mesh, data, model, objective, optimiser and abstract state.
+
+  Validates ``config`` first (:func:`metric_jax.training.config.validate`,
+  batch sizes divisible by the device count); touches no file in
+  ``workdir``.
+
+  Args:
+    config: a config built on
+      :func:`metric_jax.training.config.base_config`.
+    workdir: the run directory (str or path; need not exist).
+
+  Returns:
+    An :class:`Experiment` (``abstract_state`` by ``jax.eval_shape``: no
+    parameters are allocated).
+
+  Raises:
+    ValueError: for an invalid config, naming the field.
+
+  Example:
+    A real setup loads the dataset (seconds); bad input is rejected before
+    that:
+
+    >>> import tempfile
+    >>> from metric_jax.training import config as config_lib
+    >>> c = config_lib.base_config()
+    >>> c.batch_size = 0
+    >>> setup(c, tempfile.mkdtemp())
+    Traceback (most recent call last):
+    ...
+    ValueError: `config.batch_size` must be an int >= 1, got 0.
+  """
   from metric_jax import data as data_lib
   from metric_jax import models as models_lib
 
@@ -205,7 +265,32 @@ def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, config,
                         seed: int = 0, metric: Any = None) -> dict[str, float]:
   """Retrieval and clustering metrics (``metric_jax.evaluation.evaluate``)
   with the options of ``config.eval``, as Python numbers. ``metric``
-  overrides ``config.eval.metric`` (e.g. a learned Bregman divergence)."""
+  overrides ``config.eval.metric`` (e.g. a learned Bregman divergence).
+
+  Every example is a query against all the others (leave-one-out).
+
+  Args:
+    embeddings: [N, E] float embeddings.
+    labels: [N] integer labels.
+    config: the run config; reads ``eval.k_values``, ``eval.metric``,
+      ``eval.normalize`` and ``eval.clustering``.
+    seed: key of the k-means of the clustering metrics (default 0).
+    metric: None (default: ``config.eval.metric``), a metric name or a
+      callable metric.
+
+  Returns:
+    ``{name: float}`` (``int`` for counts such as ``num_queries``).
+
+  Example:
+    >>> import numpy as np
+    >>> from metric_jax.training import config as config_lib
+    >>> c = config_lib.base_config()
+    >>> c.eval.k_values = (1,); c.eval.clustering = False
+    >>> x = np.array([[0., 1.], [0., 1.1], [1., 0.], [1.1, 0.1]], np.float32)
+    >>> m = evaluate_embeddings(x, np.array([0, 0, 1, 1]), c)
+    >>> m["precision_at_1"], m["map_at_r"], m["num_queries"]
+    (1.0, 1.0, 4)
+  """
   from metric_jax import evaluation
   e = config.eval
   metrics = evaluation.evaluate(
@@ -398,6 +483,24 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     The retrieval metrics of ``metric_jax.evaluation.evaluate`` on the test
     classes (plus the nearest-cluster accuracies of a magnet run), and
     ``"step"`` and ``"train_loss"`` (last logged loss).
+
+  Raises:
+    ValueError: for an invalid config (before any data is loaded), or a
+      workdir holding a checkpoint of another configuration
+      (:func:`metric_jax.training.checkpoint.check_compatible`).
+
+  Example:
+    A run takes seconds even on the tiny ``configs/digits.py`` config (see
+    ``experiments/``); a bad config fails at once, before data loading:
+
+    >>> import tempfile
+    >>> from metric_jax.training import config as config_lib
+    >>> c = config_lib.base_config()
+    >>> c.optimizer.name = "adam"
+    >>> train_and_evaluate(c, tempfile.mkdtemp())
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown `config.optimizer.name` 'adam'; valid names: adamw, sgd, rmsprop.
   """
   from tqdm.auto import tqdm
 
@@ -542,7 +645,34 @@ def evaluate_checkpoint(config, workdir, step: int | None = None,
 
   Retrieval uses the learned divergence with ``config.eval.metric =
   "bregman"``; a magnet run's saved cluster index (``sampler/step_<N>.npz``)
-  adds the nearest-cluster accuracy."""
+  adds the nearest-cluster accuracy.
+
+  Args:
+    config: the config of the run (as stored in ``workdir/config.json``;
+      see :func:`metric_jax.training.config.config_from_workdir`).
+    workdir: the run directory holding ``checkpoints/``.
+    step: the checkpoint step (default None: the latest).
+    split: ``"test"`` (default) or ``"train"``.
+
+  Returns:
+    The metrics of :func:`evaluate_embeddings` plus ``"step"``.
+
+  Raises:
+    ValueError: for an invalid config or a checkpoint of another shape.
+    FileNotFoundError: if ``workdir`` has no finalised checkpoint.
+
+  Example:
+    Restoring and embedding a split takes seconds; bad input fails at once:
+
+    >>> import tempfile
+    >>> from metric_jax.training import config as config_lib
+    >>> c = config_lib.base_config()
+    >>> c.eval.batch_size = 0
+    >>> evaluate_checkpoint(c, tempfile.mkdtemp())
+    Traceback (most recent call last):
+    ...
+    ValueError: `config.eval.batch_size` must be an int >= 1, got 0.
+  """
   exp = setup(config, workdir)
   checkpointer, latest = _open_existing(exp)
   try:
@@ -575,8 +705,31 @@ def embed_checkpoint(config, workdir, split: str = "test", output=None,
   The file holds ``embeddings`` [N, E] float32, ``labels`` [N] int32,
   ``class_ids`` (the dataset's class id of each label) and ``step``.
 
+  Args:
+    config: the config of the run (as stored in ``workdir/config.json``).
+    workdir: the run directory holding ``checkpoints/``.
+    split: ``"test"`` (default) or ``"train"``.
+    output: the ``.npz`` path (default None:
+      ``workdir/embeddings_<split>_step_<N>.npz``).
+    step: the checkpoint step (default None: the latest).
+
   Returns:
     The path written (default ``workdir/embeddings_<split>_step_<N>.npz``).
+
+  Raises:
+    ValueError: for another ``split``, an invalid config or a checkpoint
+      of another shape.
+    FileNotFoundError: if ``workdir`` has no finalised checkpoint.
+
+  Example:
+    Restoring and embedding a split takes seconds; bad input fails at once:
+
+    >>> import tempfile
+    >>> from metric_jax.training import config as config_lib
+    >>> embed_checkpoint(config_lib.base_config(), tempfile.mkdtemp(), split="val")
+    Traceback (most recent call last):
+    ...
+    ValueError: `split` must be 'train' or 'test', got 'val'.
   """
   if split not in ("train", "test"):
     raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")

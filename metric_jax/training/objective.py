@@ -77,7 +77,27 @@ def _bregman_settings(config) -> tuple[str, dict]:
 
 def check_config(config) -> None:
   """Checks ``config.loss.distance`` / ``loss.bregman`` / magnet settings;
-  raises ``ValueError`` naming the field."""
+  raises ``ValueError`` naming the field.
+
+  Args:
+    config: the run's config (reads ``loss``, ``sampler`` and
+      ``eval.metric``).
+
+  Raises:
+    ValueError: for an unknown distance or generator, kwargs of a fixed
+      generator, ``scale <= 0``, ``eval.metric = "bregman"`` without a
+      Bregman loss, or a magnet loss without the magnet sampler.
+
+  Example:
+    >>> from metric_jax.training import config as config_lib
+    >>> c = config_lib.base_config()
+    >>> check_config(c)
+    >>> c.loss.distance = "cosine"
+    >>> check_config(c)
+    Traceback (most recent call last):
+    ...
+    ValueError: `config.loss.distance` must be one of ('default', 'bregman'), got 'cosine'.
+  """
   loss = config.loss
   if loss.distance not in DISTANCES:
     raise ValueError(f"`config.loss.distance` must be one of {DISTANCES}, "
@@ -123,7 +143,30 @@ class TrainObjective:
   Args:
     config: the run's config (``loss``, ``sampler``).
     num_clusters: width of the magnet cluster ids (the sampler's
-      ``num_clusters``); required for ``magnet_loss``.
+      ``num_clusters``); required for ``magnet_loss``, default None.
+
+  Raises:
+    ValueError: from :func:`check_config`, or when ``num_clusters`` is
+      missing for the magnet loss.
+
+  Example:
+    (The module docstring calls an objective on a batch.)
+
+    >>> import jax
+    >>> from metric_jax.training import config as config_lib
+    >>> c = config_lib.base_config()     # semi-hard triplet loss, no learned parameters
+    >>> obj = TrainObjective(c)
+    >>> params = obj.init_params(jax.random.key(0), num_classes=3, embedding_dim=2)
+    >>> params, obj.keys, obj.learned_generator, obj.eval_metric(params)
+    ({'triplet_margin_loss': {}}, ('triplet_margin_loss',), False, 'euclidean')
+    >>> obj.feedback(jax.numpy.zeros((4, 2)), jax.numpy.array([0, 0, 1, 1]))   # not magnet
+    {}
+    >>> c.loss.name = "magnet_loss"; c.loss.kwargs = {}
+    >>> c.sampler.name = "magnet"; c.sampler.refresh_every = 10
+    >>> TrainObjective(c)
+    Traceback (most recent call last):
+    ...
+    ValueError: `num_clusters` is required for the magnet loss (the sampler's `num_clusters`).
   """
 
   def __init__(self, config, *, num_clusters: int | None = None):

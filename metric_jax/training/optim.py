@@ -126,6 +126,24 @@ def make_optimizer(cfg: Any, total_steps: int
 
   Returns:
     ``(tx, {"model": schedule, "loss": schedule})``.
+
+  Raises:
+    ValueError: for an unknown optimiser or schedule name, or a negative
+      learning rate / warm-up.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from metric_jax.training import optim
+    >>> cfg = {"name": "sgd", "learning_rate": 0.1, "loss_learning_rate": 10.0,
+    ...        "weight_decay": 0.0, "momentum": 0.0}
+    >>> tx, schedules = optim.make_optimizer(cfg, total_steps=100)
+    >>> float(schedules["model"](0)), float(schedules["loss"](0))
+    (0.1, 10.0)
+    >>> params = {"model": {"w": jnp.ones(2)}, "loss": {"p": jnp.ones(2)}}
+    >>> grads = {"model": {"w": jnp.ones(2)}, "loss": {"p": jnp.ones(2)}}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> [round(float(u), 6) for u in updates["model"]["w"]], updates["loss"]["p"].tolist()
+    ([-0.1, -0.1], [-10.0, -10.0])
   """
   name = _get(cfg, "name")
   if name not in OPTIMIZERS:

@@ -55,7 +55,23 @@ class MetricWriter:
     tensorboard: also write TensorBoard event files.
     truncate_after: on resume, drop lines of ``metrics.jsonl`` with a
       step greater than this (they were logged after the last checkpoint
-      and are about to be logged again).
+      and are about to be logged again); None (default) keeps every line.
+
+  Non-scalar values (arrays with a shape, strings) are skipped; call
+  :meth:`close` when done.
+
+  Example:
+    >>> import json, pathlib, tempfile, numpy as np
+    >>> workdir = pathlib.Path(tempfile.mkdtemp())
+    >>> w = MetricWriter(workdir, tensorboard=False)
+    >>> w.write(1, {"loss": np.float32(0.5), "grad": np.zeros(3), "n": 4})
+    {'loss': 0.5, 'n': 4}
+    >>> w.write(2, {"loss": 0.25})
+    {'loss': 0.25}
+    >>> w.close()
+    >>> w = MetricWriter(workdir, tensorboard=False, truncate_after=1); w.close()
+    >>> [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    [{'step': 1, 'split': 'train', 'loss': 0.5, 'n': 4}]
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
@@ -126,6 +142,17 @@ _NOT_PERCENT = frozenset({"magnet_variance"})
 def format_table(metrics: Mapping[str, Any], title: str = "Retrieval metrics") -> str:
   """A plain-text table of retrieval metrics (percentages for scores).
 
+  Known metrics come first in a fixed order with short names (P@1, R@k,
+  MAP@R, ...), then the others sorted; integers and ``num_*`` print as
+  integers, scores in [0, 1] as percentages, non-scalars are skipped.
+
+  Args:
+    metrics: ``{name: scalar}`` (Python or NumPy/JAX scalars).
+    title: the first line (default ``"Retrieval metrics"``).
+
+  Returns:
+    The table as one string (no trailing newline).
+
   Example:
     >>> print(format_table({"precision_at_1": 0.5, "map_at_r": 0.25,
     ...                     "num_queries": 10}))
@@ -164,13 +191,47 @@ def format_table(metrics: Mapping[str, Any], title: str = "Retrieval metrics") -
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-  """Writes ``data`` (scalars converted to Python numbers) atomically."""
+  """Writes ``data`` (scalars converted to Python numbers) atomically.
+
+  Args:
+    path: the destination ``.json`` file (parents created).
+    data: a JSON-able mapping; NumPy/JAX scalars become Python numbers.
+
+  Example:
+    >>> import json, pathlib, tempfile, numpy as np
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "final_metrics.json"
+    >>> write_json(path, {"precision_at_1": np.float32(0.75), "num_queries": np.int64(8)})
+    >>> json.loads(path.read_text())
+    {'num_queries': 8, 'precision_at_1': 0.75}
+  """
   clean = {k: (_scalar(v) if _scalar(v) is not None else v) for k, v in data.items()}
   atomic_write_text(path, json.dumps(clean, indent=2, sort_keys=True) + "\n")
 
 
 def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
-  """[N, D] -> [N, 2] by PCA (SVD of the centred data) or t-SNE (sklearn)."""
+  """[N, D] -> [N, 2] by PCA (SVD of the centred data) or t-SNE (sklearn).
+
+  Args:
+    embeddings: [N, D] float array, N >= 2 (D = 1 gets a zero second
+      column).
+    method: ``"pca"`` (default) or ``"tsne"`` (perplexity
+      ``min(30, max(2, (N - 1) / 3))``).
+    seed: t-SNE random state (default 0; PCA is deterministic).
+
+  Returns:
+    [N, 2] float64 coordinates.
+
+  Example:
+    >>> import numpy as np
+    >>> x = np.array([[0., 1., 1.], [2., 1., 1.], [4., 1., 1.]])   # spread along axis 0
+    >>> xy = project_2d(x)
+    >>> xy.shape, np.abs(xy).round(6).tolist()
+    ((3, 2), [[2.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    >>> project_2d(x[:1])
+    Traceback (most recent call last):
+    ...
+    ValueError: `embeddings` must be [N >= 2, D], got shape (1, 3).
+  """
   x = np.asarray(embeddings, np.float64)
   if x.ndim != 2 or x.shape[0] < 2:
     raise ValueError(f"`embeddings` must be [N >= 2, D], got shape {x.shape}.")
@@ -198,6 +259,26 @@ def save_projection_png(path: str | os.PathLike, embeddings: np.ndarray,
   Only the ``max_classes`` most frequent classes are drawn (hundreds of
   colours are unreadable); the projection is fitted on those points.
   ``class_names[label]`` (e.g. a source's ``class_ids``) labels the legend.
+
+  Args:
+    path: the ``.png`` file (written atomically, parents created).
+    embeddings: [N, D] float embeddings.
+    labels: [N] integer labels.
+    method: ``"pca"`` (default) or ``"tsne"``, see :func:`project_2d`.
+    max_classes: number of most frequent classes drawn (default 20; with
+      more than 20 the legend is omitted).
+    title: the plot title (default: method and number of classes).
+    seed: t-SNE random state (default 0).
+    class_names: None (default: the labels) or a sequence / mapping
+      indexed by label.
+
+  Example:
+    >>> import pathlib, tempfile, numpy as np
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "embeddings_2d.png"
+    >>> x = np.random.default_rng(0).normal(size=(12, 4))
+    >>> save_projection_png(path, x, np.arange(12) % 3, max_classes=2)
+    >>> path.read_bytes()[:4]
+    b'\x89PNG'
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -245,7 +326,16 @@ class _DropChattyInfo:
 
 def quiet_library_logs() -> None:
   """Hides orbax's and matplotlib's INFO lines on the absl log handler
-  (entry points call this; warnings and errors still show)."""
+  (entry points call this; warnings and errors still show).
+
+  Idempotent: the filter is installed once.
+
+  Example:
+    >>> import logging
+    >>> quiet_library_logs(); quiet_library_logs()
+    >>> logging.getLogger("orbax").level == logging.WARNING
+    True
+  """
   import logging
   from absl import logging as absl_logging
   handler = absl_logging.get_absl_handler()

@@ -36,6 +36,16 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: the model's ``"batch_stats"`` collection (``{}`` if none).
     loss_params: ``{term_key: {kwarg: array}}`` of the objective.
     opt_state: optimiser state over ``{"model": params, "loss": loss_params}``.
+
+  Built by :func:`init_train_state`; a ``flax.struct`` dataclass, so
+  ``state.replace(step=...)`` returns an updated copy.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> s = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((2, 3))},
+    ...                batch_stats={}, loss_params={}, opt_state=())
+    >>> int(s.replace(step=s.step + 1).step), len(jax.tree.leaves(s))
+    (1, 2)
   """
   step: jax.Array
   params: Any
@@ -45,7 +55,21 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def trainable(state: TrainState) -> dict[str, Any]:
-  """The tree the optimiser updates: ``{"model": ..., "loss": ...}``."""
+  """The tree the optimiser updates: ``{"model": ..., "loss": ...}``.
+
+  Args:
+    state: a :class:`TrainState`.
+
+  Returns:
+    ``{"model": state.params, "loss": state.loss_params}``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(2)},
+    ...                batch_stats={}, loss_params={"proxies": jnp.zeros((3, 2))}, opt_state=())
+    >>> describe(trainable(s))
+    {'loss/proxies': ((3, 2), 'float32'), 'model/w': ((2,), 'float32')}
+  """
   return {"model": state.params, "loss": state.loss_params}
 
 
@@ -66,6 +90,21 @@ def init_train_state(key: jax.Array, model: nn.Module, objective: Any,
 
   Returns:
     The initial state with ``step == 0``.
+
+  Example:
+    >>> import jax, flax.linen as nn
+    >>> from metric_jax.training import config as config_lib, objective, optim
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, images, train):
+    ...     return nn.Dense(4)(images.reshape(images.shape[0], -1))
+    >>> c = config_lib.base_config()
+    >>> tx, _ = optim.make_optimizer(c.optimizer, total_steps=10)
+    >>> s = init_train_state(jax.random.key(0), Net(), objective.TrainObjective(c), tx,
+    ...                      input_shape=(2, 2, 1), num_classes=3, embedding_dim=4)
+    >>> int(s.step), describe(s.params), s.loss_params
+    (0, {'Dense_0/bias': ((4,), 'float32'), 'Dense_0/kernel': ((4, 4), 'float32')},
+     {'triplet_margin_loss': {}})
   """
   model_key, loss_key = jax.random.split(key)
   dummy = jnp.zeros((1, *input_shape), jnp.float32)
@@ -81,7 +120,24 @@ def init_train_state(key: jax.Array, model: nn.Module, objective: Any,
 
 
 def describe(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  """``{path: (shape, dtype)}`` of every leaf, for structure comparisons."""
+  """``{path: (shape, dtype)}`` of every leaf, for structure comparisons.
+
+  Paths join the dict keys / attribute names / indices with ``/``; PRNG
+  key arrays get the dtype ``"key"``.
+
+  Args:
+    tree: any pytree whose leaves are arrays, ``jax.ShapeDtypeStruct`` s,
+      orbax metadata or scalars.
+
+  Returns:
+    ``{path: (shape tuple, dtype str)}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> describe({"a": [jnp.zeros((2, 3)), jax.ShapeDtypeStruct((4,), jnp.int32)],
+    ...           "k": jax.random.key(0)})
+    {'a/0': ((2, 3), 'float32'), 'a/1': ((4,), 'int32'), 'k': ((), 'key')}
+  """
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     key = "/".join(_key_str(k) for k in path)

@@ -88,6 +88,36 @@ def make_train_step(model: nn.Module, objective: Any,
     ``TrainObjective`` that gives feedback (magnet) also ``"feedback"``:
     ``{"losses": [B], "variance": scalar}`` for the sampler (not a log
     metric; the loop pops it).
+
+  Raises:
+    TypeError: (when called) if the batch has ``extras`` but the objective
+      takes none.
+
+  Example:
+    The step's output structure, by ``jax.eval_shape`` (no compilation;
+    :func:`jit_train_step` runs it):
+
+    >>> import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    >>> class Net(nn.Module):   # (images [B, 2, 2, 1], train) -> [B, 4]
+    ...   @nn.compact
+    ...   def __call__(self, images, train):
+    ...     return nn.Dense(4)(images.reshape(images.shape[0], -1))
+    >>> preprocess = lambda images, rng, train: images.astype(jnp.float32) / 255.0
+    >>> from metric_jax.training import config as config_lib, objective, optim, state as state_lib
+    >>> c = config_lib.base_config()    # AdamW, cosine decay
+    >>> c.loss.name = "contrastive_loss"; c.loss.kwargs = {}
+    >>> obj = objective.TrainObjective(c)
+    >>> tx, schedules = optim.make_optimizer(c.optimizer, total_steps=10)
+    >>> state = state_lib.init_train_state(jax.random.key(0), Net(), obj, tx, input_shape=(2, 2, 1),
+    ...                                    num_classes=2, embedding_dim=4)
+    >>> batch = {"images": np.arange(16, dtype=np.uint8).reshape(4, 2, 2, 1),
+    ...          "labels": np.array([0, 0, 1, 1])}
+    >>> train_step = make_train_step(Net(), obj, tx, preprocess=preprocess,
+    ...                              schedule=schedules["model"])
+    >>> new_state, metrics = jax.eval_shape(train_step, state, batch, jax.random.key(1))
+    >>> sorted(metrics), new_state.params["Dense_0"]["kernel"].shape
+    (['embedding_norm', 'embedding_spread', 'grad_norm', 'learning_rate', 'loss',
+      'loss/contrastive_loss'], (4, 4))
   """
   compute_dtype = jnp.dtype(compute_dtype)
 
@@ -154,7 +184,33 @@ def make_train_step(model: nn.Module, objective: Any,
 def make_embed_fn(model: nn.Module, *, preprocess: Preprocess,
                   compute_dtype: Any = jnp.float32) -> Callable:
   """Builds ``embed(params, batch_stats, images_uint8) -> float32 [B, E]``
-  (inference mode: BatchNorm running statistics, no augmentation)."""
+  (inference mode: BatchNorm running statistics, no augmentation).
+
+  Args:
+    model: Flax module ``(images, train) -> [B, E]``.
+    preprocess: ``(images_uint8, rng, train) -> float32 images``; called
+      with ``train=False`` and a fixed key.
+    compute_dtype: dtype of the forward pass (default ``jnp.float32``;
+      ``jnp.bfloat16`` casts the float parameters and images); the output
+      is float32 either way.
+
+  Returns:
+    The pure ``embed(params, batch_stats, images [B, H, W, C] uint8) ->
+    float32 [B, E]`` (``batch_stats`` may be ``{}``; raw, not normalised).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    >>> class Net(nn.Module):   # (images [B, 2, 2, 1], train) -> [B, 4]
+    ...   @nn.compact
+    ...   def __call__(self, images, train):
+    ...     return nn.Dense(4)(images.reshape(images.shape[0], -1))
+    >>> preprocess = lambda images, rng, train: images.astype(jnp.float32) / 255.0
+    >>> params = Net().init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)), train=False)["params"]
+    >>> embed = make_embed_fn(Net(), preprocess=preprocess, compute_dtype=jnp.bfloat16)
+    >>> e = embed(params, {}, np.zeros((3, 2, 2, 1), np.uint8))
+    >>> e.shape, e.dtype
+    ((3, 4), dtype('float32'))
+  """
   compute_dtype = jnp.dtype(compute_dtype)
 
   def embed(params, batch_stats, images):
@@ -172,7 +228,44 @@ def make_embed_fn(model: nn.Module, *, preprocess: Preprocess,
 
 def jit_train_step(train_step: Callable, abstract_state: Any,
                    mesh: jax.sharding.Mesh) -> Callable:
-  """``jax.jit`` with replicated state, ``P("data")`` batch, donated state."""
+  """``jax.jit`` with replicated state, ``P("data")`` batch, donated state.
+
+  Args:
+    train_step: the pure step of :func:`make_train_step`.
+    abstract_state: ``jax.eval_shape`` of the initial
+      :class:`~metric_jax.training.state.TrainState` (gives the shardings).
+    mesh: the data mesh (:func:`metric_jax.sharding.make_mesh`).
+
+  Returns:
+    The jitted ``train_step(state, batch, rng) -> (state, metrics)``; the
+    input state's buffers are donated (do not reuse it), the batch must be
+    sharded over ``"data"`` (:func:`metric_jax.sharding.shard_batch`) and
+    the metrics come back replicated.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    >>> class Net(nn.Module):   # (images [B, 2, 2, 1], train) -> [B, 4]
+    ...   @nn.compact
+    ...   def __call__(self, images, train):
+    ...     return nn.Dense(4)(images.reshape(images.shape[0], -1))
+    >>> preprocess = lambda images, rng, train: images.astype(jnp.float32) / 255.0
+    >>> from metric_jax.training import config as config_lib, objective, optim, state as state_lib
+    >>> c = config_lib.base_config()    # AdamW, cosine decay
+    >>> c.loss.name = "contrastive_loss"; c.loss.kwargs = {}
+    >>> obj = objective.TrainObjective(c)
+    >>> tx, schedules = optim.make_optimizer(c.optimizer, total_steps=10)
+    >>> state = state_lib.init_train_state(jax.random.key(0), Net(), obj, tx, input_shape=(2, 2, 1),
+    ...                                    num_classes=2, embedding_dim=4)
+    >>> batch = {"images": np.arange(16, dtype=np.uint8).reshape(4, 2, 2, 1),
+    ...          "labels": np.array([0, 0, 1, 1])}
+    >>> from metric_jax import sharding
+    >>> mesh = sharding.make_mesh(num_devices=1)
+    >>> step = jit_train_step(make_train_step(Net(), obj, tx, preprocess=preprocess),
+    ...                       jax.eval_shape(lambda: state), mesh)
+    >>> new_state, metrics = step(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
+    >>> int(new_state.step), bool(jnp.isfinite(metrics["loss"]))
+    (1, True)
+  """
   state_sh = sharding.state_shardings(abstract_state, mesh)
   rep = sharding.replicated(mesh)
   return jax.jit(train_step,
@@ -183,7 +276,32 @@ def jit_train_step(train_step: Callable, abstract_state: Any,
 
 def jit_embed_fn(embed: Callable, mesh: jax.sharding.Mesh) -> Callable:
   """``jax.jit`` with replicated variables, ``P("data")`` images and a
-  replicated output (every process gets all embeddings)."""
+  replicated output (every process gets all embeddings).
+
+  Args:
+    embed: the pure function of :func:`make_embed_fn`.
+    mesh: the data mesh (:func:`metric_jax.sharding.make_mesh`).
+
+  Returns:
+    The jitted ``embed(params, batch_stats, images)``; ``images`` sharded
+    over ``"data"`` (:func:`metric_jax.sharding.shard_batch`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    >>> class Net(nn.Module):   # (images [B, 2, 2, 1], train) -> [B, 4]
+    ...   @nn.compact
+    ...   def __call__(self, images, train):
+    ...     return nn.Dense(4)(images.reshape(images.shape[0], -1))
+    >>> preprocess = lambda images, rng, train: images.astype(jnp.float32) / 255.0
+    >>> from metric_jax import sharding
+    >>> mesh = sharding.make_mesh(num_devices=1)
+    >>> params = Net().init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)), train=False)["params"]
+    >>> images = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
+    >>> embed = make_embed_fn(Net(), preprocess=preprocess)
+    >>> out = jit_embed_fn(embed, mesh)(params, {}, sharding.shard_batch(images, mesh))
+    >>> out.shape, bool(np.allclose(out, embed(params, {}, images), atol=1e-6))
+    ((2, 4), True)
+  """
   rep = sharding.replicated(mesh)
   return jax.jit(embed, in_shardings=(rep, rep, sharding.batch_sharding(mesh)),
                  out_shardings=rep)
@@ -191,7 +309,21 @@ def jit_embed_fn(embed: Callable, mesh: jax.sharding.Mesh) -> Callable:
 
 def prefetch(iterable: Iterable[Any], size: int = 2) -> Iterator[Any]:
   """Evaluates the items of ``iterable`` in a background thread, ``size``
-  ahead (host data loading overlaps device compute). Order is preserved."""
+  ahead (host data loading overlaps device compute). Order is preserved.
+
+  Args:
+    iterable: any iterable (its ``next`` runs in one worker thread, so
+      items are produced in order).
+    size: number of items requested ahead (default 2).
+
+  Returns:
+    An iterator over the same items; an exception of ``iterable`` is
+    raised where its item would be.
+
+  Example:
+    >>> list(prefetch((i * i for i in range(5)), size=2))
+    [0, 1, 4, 9, 16]
+  """
   iterator = iter(iterable)
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     queue = collections.deque()
@@ -222,14 +354,39 @@ def embed_source(embed: Callable, params: Any, batch_stats: Any, source: Any,
 
   Args:
     embed: the jitted function of :func:`jit_embed_fn`.
-    params, batch_stats: model variables.
+    params: the model's ``"params"`` collection.
+    batch_stats: the model's ``"batch_stats"`` collection (``{}`` if none).
     source: anything with ``len()`` and ``images(indices) -> uint8``.
     mesh: the data mesh.
     batch_size: global batch size (divisible by the device count).
-    indices: optional subset of rows.
+    indices: optional [N] subset of rows (default None: all of
+      ``source``).
 
   Returns:
     float32 [N, E] NumPy array in the order of ``indices``.
+
+  Raises:
+    ValueError: for a batch size the mesh cannot split, or no rows.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    >>> class Net(nn.Module):   # (images [B, 2, 2, 1], train) -> [B, 4]
+    ...   @nn.compact
+    ...   def __call__(self, images, train):
+    ...     return nn.Dense(4)(images.reshape(images.shape[0], -1))
+    >>> preprocess = lambda images, rng, train: images.astype(jnp.float32) / 255.0
+    >>> from metric_jax import sharding
+    >>> class Source:   # 5 images of 2 x 2 x 1
+    ...   x = np.arange(20, dtype=np.uint8).reshape(5, 2, 2, 1)
+    ...   def __len__(self): return 5
+    ...   def images(self, idx): return self.x[idx]
+    >>> mesh = sharding.make_mesh(num_devices=1)
+    >>> params = Net().init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)), train=False)["params"]
+    >>> embed = make_embed_fn(Net(), preprocess=preprocess)
+    >>> out = embed_source(jit_embed_fn(embed, mesh), params, {}, Source(), mesh, batch_size=2,
+    ...                    indices=[4, 0, 2])
+    >>> out.shape, bool(np.allclose(out, embed(params, {}, Source.x[[4, 0, 2]]), atol=1e-6))
+    ((3, 4), True)
   """
   sharding.check_batch_size(batch_size, mesh, "eval batch_size")
   if indices is None:
