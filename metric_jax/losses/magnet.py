@@ -146,7 +146,13 @@ def magnet_loss(embeddings: jax.Array, labels: jax.Array, cluster_ids: jax.Array
   n_valid = jnp.sum(row_valid.astype(jnp.float32))
   enough = n_valid >= 2
   variance = jnp.sum(jnp.where(row_valid, d_own, 0.0)) / jnp.maximum(n_valid - 1.0, 1.0)
-  variance = jnp.maximum(variance, _MIN_VARIANCE)
+  # Every cluster a singleton: the batch says nothing about the spread
+  # (sigma^2 = 0 by construction), so it contributes 0; a unit stand-in
+  # keeps the masked terms and their gradients finite. (Collapsed members
+  # of a larger cluster keep the floor below: the loss is then alpha.)
+  singletons = ~jnp.any(counts >= 2) & jnp.isfinite(variance)  # NaN input stays NaN
+  enough = enough & ~singletons
+  variance = jnp.where(singletons, 1.0, jnp.maximum(variance, _MIN_VARIANCE))
   if stop_gradient_variance:
     variance = jax.lax.stop_gradient(variance)
   scale = 1.0 / (2.0 * variance)
