@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -80,3 +81,13 @@ def assert_states_equal(a, b):
   for (path, x), (_, y) in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                   err_msg=jax.tree_util.keystr(path))
+
+
+class FlatModel(nn.Module):
+  """A user-defined model (flatten + Dense + BatchNorm): cheap to compile."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+    return nn.Dense(8)(nn.relu(x))

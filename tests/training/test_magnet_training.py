@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -112,12 +111,7 @@ def test_bad_magnet_configs_raise():
     objective_lib.TrainObjective(_config(6))
 
 
-class _Flat(nn.Module):
-  @nn.compact
-  def __call__(self, x, train):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
-    return nn.Dense(8)(nn.relu(x))
+_Flat = common.FlatModel
 
 
 def _preprocess(x, rng, train):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import metric_jax as mj
+from tests.training import common
 from metric_jax import data, models, sharding
 from metric_jax.training import optim, state as state_lib, steps
 
@@ -28,14 +28,7 @@ def _preprocess(x, rng, train):
   return data.preprocess(x, rng, train=train)
 
 
-class _Flat(nn.Module):
-  """A user-defined model (flatten + Dense + BatchNorm): cheap to compile."""
-
-  @nn.compact
-  def __call__(self, x, train):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
-    return nn.Dense(8)(nn.relu(x))
+_Flat = common.FlatModel
 
 
 def _flat_state(objective, tx):
