@@ -17,7 +17,7 @@ Options of the config string (comma-separated):
                other-class neighbours, index refreshed every 100 steps.
   runlocal     6 steps of a tiny ConvNet, for tests and smoke runs.
 
-Expected (measured on 2 shared CPU cores, about 2-2.5 minutes wall):
+Expected (32 s wall on 2 idle CPU cores, 2-2.5 minutes when shared):
   semi-hard triplet: P@1 95.3, MAP@R 38.2;  contrastive: P@1 94.4, MAP@R 39.9.
 For context: the randomly initialised ConvNet already gives P@1 ~97, MAP@R
 ~50 on digits 5-9, and raw pixels P@1 99.1, MAP@R 60.6. Five training
