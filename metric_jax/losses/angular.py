@@ -39,6 +39,7 @@ from metric_jax import _checks
 from metric_jax import distances as distances_lib
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.losses import _grid
 
 METHODS = ("auto", "gathered", "factorized", "tiled")
 # Positive-slot sizes tried in turn by "auto" (the smallest that fits).
@@ -68,19 +69,7 @@ def _gathered(s, r, pos, neg, k, c, p):
   masked log-sum-exp over a [B, p, M] (positive x negative) grid. Anchors
   with more than ``p`` positives get NaN terms (never a silent truncation)."""
   b, m = s.shape
-  p = min(p, m)
-  # Slot k holds the (k+1)-th positive column of the row, found by p passes
-  # (no sort, scan or argmax: top_k, argsort, cumsum and argmax are slow on
-  # CPU). The first positive column after ``last`` is a plain max-reduce of
-  # -column; past the last positive it is m, clamped to a valid index and
-  # masked by ``p_valid``.
-  cols = jnp.arange(m, dtype=jnp.int32)[None, :]
-  slots, last = [], jnp.full((b, 1), -1, jnp.int32)
-  for _ in range(p):
-    last = -jnp.max(jnp.where(pos & (cols > last), -cols, -m), axis=1, keepdims=True)
-    slots.append(jnp.minimum(last, m - 1))
-  p_idx = jnp.concatenate(slots, axis=1)                                 # [B, p]
-  p_valid = jnp.sum(pos, axis=1, dtype=jnp.int32)[:, None] > jnp.arange(p)[None, :]
+  p_idx, p_valid = _grid.first_positive_columns(pos, min(p, m))          # [B, p]
   s_ap = jnp.take_along_axis(s, p_idx, axis=1)                           # [B, p]
   logits = k * (s[:, None, :] + r[p_idx]) - c * s_ap[:, :, None]         # [B, p, M]
   lse, _ = reductions.masked_logsumexp(logits, p_valid[:, :, None] & neg[:, None, :],
@@ -214,21 +203,8 @@ def angular_loss(embeddings: jax.Array, labels: jax.Array,
   else:
     # The smallest positive-slot grid that holds every anchor's positives
     # (a runtime branch over static shapes), else the dense evaluation.
-    m = s.shape[1]
-    sizes = [size for size in _GATHER_SIZES if size < m]
-    most = jnp.max(jnp.sum(pos, axis=1))
-
-    def chain(i):
-      if i == len(sizes):
-        # m slots always hold every anchor's positives.
-        return _gathered(s, r, pos, neg, k, c, m) if m <= _GATHER_SIZES[-1] else dense()
-      # Rematerialised branches: the backward pass of a cond otherwise keeps
-      # zero-filled residuals of every branch (a [B, 16, M] grid included).
-      return jax.lax.cond(most <= sizes[i],
-                          jax.checkpoint(lambda: _gathered(s, r, pos, neg, k, c, sizes[i])),
-                          jax.checkpoint(lambda: chain(i + 1)))
-
-    terms = chain(0)
-  # masked_logsumexp drops NaN sums: keep NaN inputs visible.
+    terms = _grid.smallest_fitting_grid(
+        _GATHER_SIZES, s.shape[1], jnp.max(jnp.sum(pos, axis=1)),
+        lambda p: _gathered(s, r, pos, neg, k, c, p), dense)
   return reductions.keep_nan(reductions.reduce(terms, masks.pos, reduction), s,
                               masks.pos | masks.neg)

@@ -66,10 +66,16 @@ def _segment_prefix(values: jax.Array, weight: jax.Array,
 
 def _prefix_at_queries(perm, start, values, weight, n_queries):
   """Counts and sums of the data strictly before each query within its
-  segment, for one sorted order ``perm`` (queries sort before equal data)."""
+  segment, for one sorted order ``perm`` (queries sort before equal data);
+  ``start=None``: one segment."""
   size = perm.shape[0]
   index = jnp.arange(size, dtype=jnp.int32)
-  start_index = jax.lax.cummax(jnp.where(start, index, 0))
+  if start is None:
+    # Not a cummax of a constant: XLA would constant-fold it, which takes
+    # tens of seconds of compilation at B = 1024.
+    start_index = jnp.zeros((size,), jnp.int32)
+  else:
+    start_index = jax.lax.cummax(jnp.where(start, index, 0))
   total, count = _segment_prefix(values[perm], weight[perm], start_index)
   # Queries occupy the first n_queries slots of the unsorted array.
   position = jnp.zeros((size,), jnp.int32).at[perm].set(index)[:n_queries]
@@ -139,9 +145,8 @@ def segmented_count_sum(data_val: jax.Array, data_valid: jax.Array,
   values = jnp.concatenate([jnp.zeros((q,), data_val.dtype),
                             jnp.where(data_valid, data_val, 0.0)])
   weight = jnp.concatenate([jnp.zeros((q,), bool), data_valid])
-  start = jnp.zeros((q + n,), bool).at[0].set(True)
   counts, sums = [], []
-  c, t = _prefix_at_queries(by_value, start, values, weight, q)
+  c, t = _prefix_at_queries(by_value, None, values, weight, q)
   counts.append(c)
   sums.append(t)
   seg_bits = max(1, (num_segments - 1).bit_length())

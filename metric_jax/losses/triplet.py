@@ -2,8 +2,9 @@
 easy-positive mining, soft margin and anchor swap.
 
 Memory. Batch-all never builds a [B, M, M] tensor. When no anchor has more
-than 16 positives (PK batches) it works on a [B, 16, M] grid of each anchor's
-positives; otherwise (decided at run time with ``lax.cond``), with the hinge
+than 16 positives (PK batches) it works on a [B, P, M] grid of each anchor's
+positives, P in (4, 8, 16) the smallest that holds them; otherwise (decided at
+run time with ``lax.cond``), with the hinge
 it uses an exact O(B M log M) form, sorting each anchor's negative distances
 once and reading every positive pair's active negatives from a prefix sum,
 and with ``soft=True`` or ``swap=True`` it streams over tiles of anchors
@@ -24,6 +25,7 @@ from metric_jax import _checks
 from metric_jax import distances as distances_lib
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.losses import _grid
 
 MINING = ("all", "hard", "semihard", "easy")
 SEMIHARD = ("facenet", "tf")
@@ -31,10 +33,12 @@ BAND_SELECT = ("all", "hardest")
 
 # Budget for one tile of the streamed batch-all path, in [t, M, M] elements.
 _TILE_ELEMENTS = 1 << 22
-# Batch-all first tries a [B, P, M] grid over each anchor's first P positives
-# (exact whenever no anchor has more, e.g. PK batches) and falls back, under
-# lax.cond, to the sorted or streamed path otherwise. 0 disables the fast path.
-_FAST_POSITIVES = 16
+# Batch-all works on a [B, P, M] grid over each anchor's first P positives,
+# P the smallest of these sizes that holds every anchor's positives (chosen
+# at run time with lax.cond; exact, e.g. P = 4 for PK batches with K <= 5),
+# and falls back to the sorted or streamed path when an anchor has more than
+# the largest. An empty tuple disables the grid.
+_FAST_POSITIVES = (4, 8, 16)
 
 
 class _SortedNegatives(NamedTuple):
@@ -147,10 +151,7 @@ def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
   ``max_positives`` the result is NaN (loud, never silently truncated)."""
   m = dist.shape[1]
   p = min(max_positives, m)
-  # Positive columns first, lowest index first: top_k of a strictly ordered key.
-  key = jnp.where(pos, m - jnp.arange(m)[None, :], -1 - jnp.arange(m)[None, :])
-  _, p_idx = jax.lax.top_k(key, p)                               # [B, P]
-  p_valid = jnp.take_along_axis(pos, p_idx, axis=1)              # [B, P]
+  p_idx, p_valid = _grid.first_positive_columns(pos, p)         # [B, P]
   d_ap = jnp.take_along_axis(dist, p_idx, axis=1)[:, :, None]    # [B, P, 1]
   d_an = jnp.broadcast_to(dist[:, None, :], (dist.shape[0], p, m))
   mask = p_valid[:, :, None] & neg[:, None, :]
@@ -340,9 +341,6 @@ def _mined_loss(problem, ref_embeddings, ref_where, distance, margin, mining,
                                            swap, band, reduction, p)
   if max_positives is not None:
     return gathered(max_positives)
-  m = dist.shape[1]
-  if 0 < m <= _FAST_POSITIVES:
-    return gathered(m)
 
   def fallback():
     if not soft and not swap:
@@ -350,7 +348,7 @@ def _mined_loss(problem, ref_embeddings, ref_where, distance, margin, mining,
     return _batch_all_streamed(dist, pos, neg, ref_dist, margin, soft, swap, band,
                                reduction, anchor_tile)
 
-  if _FAST_POSITIVES == 0:
+  if not _FAST_POSITIVES:
     return fallback()
-  fits = jnp.max(jnp.sum(pos, axis=1)) <= _FAST_POSITIVES
-  return jax.lax.cond(fits, lambda: gathered(_FAST_POSITIVES), fallback)
+  return _grid.smallest_fitting_grid(_FAST_POSITIVES, dist.shape[1],
+                                     jnp.max(jnp.sum(pos, axis=1)), gathered, fallback)

@@ -5,7 +5,8 @@ Each per-anchor log-sum-exp is reduced over the reference tiles with an
 online log-sum-exp (running max and rescaled sum); losses whose terms are
 per *pair* functions of a per-anchor log-sum-exp (lifted structure, NT-Xent)
 take a second streamed pass that receives the first pass's log-sum-exps as
-differentiable inputs.
+differentiable inputs (or, when all references fit in one tile, compute the
+dense loss in one pass).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from metric_jax import _checks
 from metric_jax import reductions
 from metric_jax.losses import lifted as dense_lifted
 from metric_jax.losses import npair as dense_npair
+from metric_jax.losses import ntxent as dense_ntxent
 from metric_jax.streaming import _engine as eng
 
 _COMMON_ARGS = """
@@ -62,6 +64,14 @@ def _setup(embeddings, labels, ref_embeddings, ref_labels, distance, where, ref_
                     ref_ids=ref_ids, axis_name=axis_name)
   b, m = inp.rows["x"].shape[0], inp.cols["y"].shape[0]
   return inp, tile_size or eng.default_tile(b, m)
+
+
+def _one_tile(inp, tile: int, ids) -> bool:
+  """Whether all references fit in one tile of a single-device call
+  without sample ids: the two-pass losses (lifted structure, NT-Xent) then
+  compute the dense loss, which evaluates the [B, M] matrix once instead of
+  once per pass (same values; its memory is a few tile-sized blocks)."""
+  return inp.ctx.axis_name is None and ids is None and tile >= inp.cols["y"].shape[0]
 
 
 def _margins(mat, sim, pos_margin, neg_margin):
@@ -161,7 +171,9 @@ def streaming_lifted_structure_loss(
   reference set and ``ref_negatives="reference"``, each reference's)
   negative log-sum-exp; the second walks the pairs with those log-sum-exps
   as differentiable per-row and per-column inputs. The non-smooth
-  ``hard=True`` form is not streamed (use the dense loss).
+  ``hard=True`` form is not streamed (use the dense loss). When every
+  reference fits in one tile (one device, no ``ids``), the dense loss is
+  computed instead: one evaluation of the [B, M] matrix, same values.
 
   Args:
     embeddings: [B, D] float anchors (not normalised in the paper).
@@ -199,6 +211,14 @@ def streaming_lifted_structure_loss(
   sim, ctx = inp.is_similarity, inp.ctx
   rows, cols = inp.rows, inp.cols
   b, m = rows["x"].shape[0], cols["y"].shape[0]
+  ref_tile = eng.default_tile(m, m) if tile_size is None else tile
+  needs_ref_pass = not inp.self_compare and ref_negatives == "reference"
+  if _one_tile(inp, tile, ids) and (not needs_ref_pass or ref_tile >= m):
+    return dense_lifted.lifted_structure_loss(
+        embeddings, labels, ref_embeddings, ref_labels, neg_margin=neg_margin,
+        pos_margin=pos_margin, empty_lse=empty_lse, ref_negatives=ref_negatives,
+        distance=distance, reduction=reduction, where=where, ref_where=ref_where,
+        pair_mask=pair_mask)
 
   def neg_lse_fn(r, c):
     mat = eng.tile_matrix(r, c, distance)
@@ -218,8 +238,7 @@ def streaming_lifted_structure_loss(
                 "id": cols["index"]}
     ref_cols = {k: cols[k] for k in ("y", "label", "valid", "real", "index")}
     ref_cols["id"] = cols["index"]
-    s_ref, (col_val,) = eng.stream(neg_lse_fn, ref_rows, ref_cols,
-                                   eng.default_tile(m, m) if tile_size is None else tile)
+    s_ref, (col_val,) = eng.stream(neg_lse_fn, ref_rows, ref_cols, ref_tile)
     col_has = s_ref["n_neg"] > 0
   elif ref_negatives == "anchor_only":
     col_val, col_has = jnp.zeros((m,), jnp.float32), jnp.zeros((m,), bool)
@@ -423,6 +442,8 @@ def streaming_ntxent_loss(
 
   A first streamed pass reduces each anchor's negative log-sum-exp, a
   second one walks the positive pairs with it as a differentiable input.
+  When every reference fits in one tile (one device, no ``ids``), the
+  dense loss is computed instead: one evaluation of the [B, M] matrix.
 
   Args:
     embeddings: [B, D] float anchors.
@@ -455,6 +476,11 @@ def streaming_ntxent_loss(
   inp, tile = _setup(embeddings, labels, ref_embeddings, ref_labels, distance, where,
                      ref_where, pair_mask, ids, ref_ids, tile_size, axis_name)
   sim = inp.is_similarity
+  if _one_tile(inp, tile, ids):
+    return dense_ntxent.ntxent_loss(
+        embeddings, labels, ref_embeddings, ref_labels, temperature=temperature,
+        distance=distance, reduction=reduction, where=where, ref_where=ref_where,
+        pair_mask=pair_mask)
 
   def neg_fn(rows, cols):
     z = _logits(eng.tile_matrix(rows, cols, distance), sim, temperature)

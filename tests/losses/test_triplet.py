@@ -74,15 +74,6 @@ def triplet_np(emb, labels, ref=None, ref_labels=None, *, margin=0.2, mining="al
   return _reduce(terms, reduction)
 
 
-@pytest.fixture(params=[16, 0], ids=["fast_path", "sorted_or_streamed"])
-def fast_positives(request, monkeypatch):
-  """Runs a test on both batch-all implementations (the [B, P, M] grid and
-  the sorted / streamed fallback)."""
-  from metric_jax.losses import triplet
-  monkeypatch.setattr(triplet, "_FAST_POSITIVES", request.param)
-  return request.param
-
-
 MODES = [
     dict(mining="all"),
     dict(mining="hard"),
@@ -93,10 +84,34 @@ MODES = [
 ]
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m.values())))
+def _uses_grid(mode) -> bool:
+  """Batch-all and the FaceNet band with every member: the modes that have
+  two implementations (the [B, P, M] grid and the sorted / streamed one)."""
+  return mode["mining"] == "all" or (
+      mode["mining"] == "semihard" and mode.get("semihard", "facenet") == "facenet"
+      and mode.get("band_select", "all") == "all")
+
+
+# (mode, grid sizes): both implementations of the modes that have two.
+MODE_PATHS = [pytest.param(mode, sizes, id="-".join(map(str, mode.values()))
+                           + ("" if sizes else "-sorted_or_streamed"))
+              for mode in MODES for sizes in ((4, 8, 16), ())
+              if sizes or _uses_grid(mode)]
+
+
+@pytest.fixture
+def use_grid(monkeypatch):
+  """``use_grid(sizes)`` sets the batch-all grid sizes (``()``: the sorted /
+  streamed fallback only) for the rest of the test."""
+  from metric_jax.losses import triplet
+  return lambda sizes: monkeypatch.setattr(triplet, "_FAST_POSITIVES", sizes)
+
+
+@pytest.mark.parametrize("mode,sizes", MODE_PATHS)
 @pytest.mark.parametrize("layout", list(label_layouts()))
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
-def test_matches_loop_reference(mode, layout, reduction, fast_positives):
+def test_matches_loop_reference(mode, sizes, layout, reduction, use_grid):
+  use_grid(sizes)
   emb = random_embeddings(11, 12, 4, scale=0.6)
   labels = label_layouts()[layout]
   got = mj.losses.triplet_margin_loss(emb, labels, margin=0.5, reduction=reduction, **mode)
@@ -104,9 +119,10 @@ def test_matches_loop_reference(mode, layout, reduction, fast_positives):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m.values())))
+@pytest.mark.parametrize("mode,sizes", MODE_PATHS)
 @pytest.mark.parametrize("soft,swap", [(True, False), (False, True), (True, True)])
-def test_soft_and_swap(mode, soft, swap, fast_positives):
+def test_soft_and_swap(mode, sizes, soft, swap, use_grid):
+  use_grid(sizes)
   emb = random_embeddings(12, 12, 4, scale=0.6)
   labels = label_layouts()["with_singletons"]
   got = mj.losses.triplet_margin_loss(emb, labels, margin=0.3, soft=soft, swap=swap,
@@ -115,9 +131,10 @@ def test_soft_and_swap(mode, soft, swap, fast_positives):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m.values())))
+@pytest.mark.parametrize("mode,sizes", MODE_PATHS)
 @pytest.mark.parametrize("metric", ["squared_euclidean", "cosine"])
-def test_reference_set_where_and_metrics(mode, metric, fast_positives):
+def test_reference_set_where_and_metrics(mode, sizes, metric, use_grid):
+  use_grid(sizes)
   emb = random_embeddings(13, 9, 4, scale=0.5)
   ref = random_embeddings(14, 11, 4, scale=0.5)
   labels = np.array([0, 1, 2, 0, 1, 2, 3, 3, 5])
@@ -135,9 +152,8 @@ def test_reference_set_where_and_metrics(mode, metric, fast_positives):
   np.testing.assert_allclose(got_swap, want_swap, rtol=1e-5, atol=1e-6)
 
 
-def test_sorted_batch_all_equals_streamed_path(monkeypatch):
-  from metric_jax.losses import triplet
-  monkeypatch.setattr(triplet, "_FAST_POSITIVES", 0)
+def test_sorted_batch_all_equals_streamed_path(use_grid):
+  use_grid(())
   emb = jnp.asarray(random_embeddings(15, 40, 8))
   labels = jnp.asarray(np.repeat(np.arange(10), 4))
   for mining in ("all", "semihard"):
@@ -151,6 +167,27 @@ def test_sorted_batch_all_equals_streamed_path(monkeypatch):
       np.testing.assert_allclose(jax.grad(fast)(emb), jax.grad(slow)(emb), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_class", [3, 6, 12, 20], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("mode", [dict(mining="all"), dict(mining="all", soft=True),
+                                  dict(mining="semihard")],
+                         ids=["all", "all-soft", "semihard"])
+def test_grid_size_is_chosen_by_the_most_positives(per_class, mode, use_grid):
+  """B = 40 (more than the largest grid): K - 1 positives select the grid of
+  4, 8 or 16 positives, or the fallback (K = 20); every branch matches the
+  loop reference, values and gradients equal the fallback's."""
+  emb = jnp.asarray(random_embeddings(17, 40, 5, scale=0.5))
+  labels = jnp.asarray(np.arange(40) // per_class)
+  loss = lambda e: mj.losses.triplet_margin_loss(e, labels, margin=0.4, reduction="mean",
+                                                 **mode)
+  got = jax.jit(jax.value_and_grad(loss))(emb)
+  np.testing.assert_allclose(got[0], triplet_np(np.asarray(emb), np.asarray(labels),
+                                                margin=0.4, reduction="mean", **mode),
+                             rtol=1e-5)
+  use_grid(())
+  want = jax.jit(jax.value_and_grad(loss))(emb)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
 def test_none_reduction_shapes():
   emb = random_embeddings(16, 6, 3)
   labels = np.array([0, 0, 1, 1, 2, 2])
@@ -162,8 +199,9 @@ def test_none_reduction_shapes():
   np.testing.assert_allclose(cube.sum(), triplet_np(emb, labels, reduction="sum"), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(map(str, m.values())))
-def test_contract(mode, fast_positives):
+@pytest.mark.parametrize("mode,sizes", MODE_PATHS)
+def test_contract(mode, sizes, use_grid):
+  use_grid(sizes)
   check_loss_contract(
       lambda e, l, **kw: mj.losses.triplet_margin_loss(e, l, margin=0.5, **mode, **kw),
       grad_loss_fn=lambda e, l: mj.losses.triplet_margin_loss(e, l, margin=0.5, reduction="mean",

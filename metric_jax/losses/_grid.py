@@ -1,0 +1,85 @@
+"""Per-anchor positive grids, shared by the losses whose terms range over
+(anchor, positive, negative) triplets (triplet batch-all and semi-hard band,
+angular).
+
+Such a loss needs, per anchor, a [P, M] grid of its positives against every
+reference. With P a static bound on the positives of any anchor (K - 1 in a
+PK batch) the grid is [B, P, M] instead of [B, M, M]:
+
+* :func:`first_positive_columns` finds each anchor's first P positive
+  columns;
+* :func:`smallest_fitting_grid` picks, at run time, the smallest P of a
+  ladder of static sizes that holds every anchor's positives, and a
+  fallback when none does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def first_positive_columns(pos: jax.Array, p: int) -> tuple[jax.Array, jax.Array]:
+  """The lowest ``p`` positive columns of each row.
+
+  Found by ``p`` masked max-reductions (``top_k``, ``argsort``, ``cumsum``
+  and ``argmax`` are much slower on CPU): slot k holds the first positive
+  column after slot k - 1.
+
+  Args:
+    pos: [B, M] bool positive mask.
+    p: static number of slots (1 <= p <= M).
+
+  Returns:
+    ``(index, valid)``: [B, p] int32 ascending column indices and [B, p]
+    bool, False for slots past the row's last positive (their index is
+    M - 1, a valid column to gather from, to be masked out).
+  """
+  b, m = pos.shape
+  if p == 0:
+    return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
+  cols = jnp.arange(m, dtype=jnp.int32)[None, :]
+  slots, last = [], jnp.full((b, 1), -1, jnp.int32)
+  for _ in range(p):
+    last = -jnp.max(jnp.where(pos & (cols > last), -cols, -m), axis=1, keepdims=True)
+    slots.append(jnp.minimum(last, m - 1))
+  index = jnp.concatenate(slots, axis=1)
+  valid = jnp.sum(pos, axis=1, dtype=jnp.int32)[:, None] > jnp.arange(p)[None, :]
+  return index, valid
+
+
+def smallest_fitting_grid(sizes: Sequence[int], m: int, most: jax.Array,
+                          grid: Callable[[int], jax.Array],
+                          fallback: Callable[[], jax.Array]) -> jax.Array:
+  """``grid(p)`` for the smallest static ``p`` in ``sizes`` with
+  ``most <= p``; ``fallback()`` when ``most`` exceeds them all.
+
+  A chain of ``lax.cond`` whose branches are rematerialised
+  (``jax.checkpoint``): the backward pass of a plain ``cond`` keeps
+  zero-filled residuals of every branch, a [B, max(sizes), M] grid
+  included. An anchor never has more than M positives: when
+  M <= max(sizes), ``grid(M)`` is returned without a branch (a small grid).
+
+  Args:
+    sizes: static grid sizes, e.g. ``(4, 8, 16)``.
+    m: number of reference columns M (static).
+    most: scalar int, the largest number of positives of any anchor.
+    grid: ``grid(p) -> result`` on a [B, p, M] grid.
+    fallback: ``fallback() -> result`` for anchors with more positives.
+
+  Returns:
+    The result of the chosen branch.
+  """
+  if m <= max(sizes):
+    return grid(m)
+  steps = sorted(sizes)
+
+  def chain(i):
+    if i == len(steps):
+      return fallback()
+    return jax.lax.cond(most <= steps[i], jax.checkpoint(lambda: grid(steps[i])),
+                        jax.checkpoint(lambda: chain(i + 1)))
+
+  return chain(0)
