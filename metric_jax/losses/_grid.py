@@ -56,10 +56,12 @@ def smallest_fitting_grid(sizes: Sequence[int], m: int, most: jax.Array,
   """``grid(p)`` for the smallest static ``p`` in ``sizes`` with
   ``most <= p``; ``fallback()`` when ``most`` exceeds them all.
 
-  A chain of ``lax.cond`` whose branches are rematerialised
-  (``jax.checkpoint``): the backward pass of a plain ``cond`` keeps
-  zero-filled residuals of every branch, a [B, max(sizes), M] grid
-  included. An anchor never has more than M positives: when
+  A chain of ``lax.cond``. The backward pass of a plain ``cond`` keeps
+  zero-filled residuals of every branch, so every branch but the smallest
+  grid is rematerialised (``jax.checkpoint``): the common case (a PK batch
+  fits the smallest grid) keeps its residuals and is not recomputed, and
+  the zero-filled residuals are never bigger than the smallest grid's.
+  An anchor never has more than M positives: when
   M <= max(sizes), ``grid(M)`` is returned without a branch (a small grid).
 
   Args:
@@ -79,7 +81,8 @@ def smallest_fitting_grid(sizes: Sequence[int], m: int, most: jax.Array,
   def chain(i):
     if i == len(steps):
       return fallback()
-    return jax.lax.cond(most <= steps[i], jax.checkpoint(lambda: grid(steps[i])),
+    this = lambda: grid(steps[i])
+    return jax.lax.cond(most <= steps[i], this if i == 0 else jax.checkpoint(this),
                         jax.checkpoint(lambda: chain(i + 1)))
 
   return chain(0)

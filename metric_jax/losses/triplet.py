@@ -87,7 +87,7 @@ def _reduce_sums(total, nonzero, valid, reduction: str) -> jax.Array:
   if reduction == "sum":
     return total
   count = valid if reduction == "mean" else nonzero
-  return total / jnp.maximum(count, 1).astype(jnp.float32)
+  return total / jnp.maximum(count, 1.0)
 
 
 def _batch_all_sorted(dist, pos, neg, margin, band: bool, reduction: str):
@@ -106,11 +106,12 @@ def _batch_all_sorted(dist, pos, neg, margin, band: bool, reduction: str):
   n_active = (k_hi - k_lo)
   sums = n_active.astype(jnp.float32) * threshold - (gather(k_hi) - gather(k_lo))
   total = jnp.sum(jnp.where(pos, sums, 0.0))
-  nonzero = jnp.sum(jnp.where(pos, n_active, 0))
+  # Triplet counts pass 2^31 at large B: accumulate them in float32.
+  nonzero = jnp.sum(jnp.where(pos, n_active, 0), dtype=jnp.float32)
   if band:
     valid = nonzero
   else:
-    valid = jnp.sum(jnp.where(pos, srt.count[:, None], 0))
+    valid = jnp.sum(jnp.where(pos, srt.count[:, None], 0), dtype=jnp.float32)
   return _reduce_sums(total, nonzero, valid, reduction)
 
 
@@ -141,7 +142,8 @@ def _batch_all_streamed(dist, pos, neg, ref_dist, margin, soft, swap, band,
     return (jnp.sum(terms), jnp.sum(mask & (terms > 0)), jnp.sum(mask))
 
   total, nonzero, valid = jax.lax.map(row_stats, (dist, pos, neg), batch_size=tile)
-  return _reduce_sums(jnp.sum(total), jnp.sum(nonzero), jnp.sum(valid), reduction)
+  return _reduce_sums(jnp.sum(total), jnp.sum(nonzero, dtype=jnp.float32),
+                      jnp.sum(valid, dtype=jnp.float32), reduction)
 
 
 def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
