@@ -556,8 +556,11 @@ def subcenter_arcface_logits(embeddings: jax.Array, weights: jax.Array,
   _check_angular(margin, scale)
   w = _subcenter_weights(weights, sub_centers)
   c, k, d = w.shape
-  cos = _cosine(embeddings, jnp.reshape(w, (c * k, d))).reshape(-1, c, k)
-  cos = jnp.max(cos, axis=2)
+  # Sub-centre-major rows ([k, C] blocks): the max over sub-centres is then
+  # an elementwise max of k [B, C] blocks (a reduction over a minor axis of
+  # size k is about 1.5x slower for the whole loss on CPU).
+  by_center = jnp.reshape(jnp.transpose(w, (1, 0, 2)), (k * c, d))
+  cos = jnp.max(_cosine(embeddings, by_center).reshape(-1, k, c), axis=1)
   if labels is None:
     return scale * cos
   _label_out_of_range(labels, c)
