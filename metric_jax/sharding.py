@@ -56,6 +56,15 @@ def make_mesh(num_devices: int | None = None,
 
   Returns:
     A ``jax.sharding.Mesh`` with one ``"data"`` axis of type ``Auto``.
+
+  Raises:
+    TypeError / ValueError: ``num_devices`` not an int or out of range.
+
+  Example:
+    >>> from metric_jax import sharding
+    >>> mesh = sharding.make_mesh(num_devices=1)
+    >>> mesh.axis_names, mesh.devices.shape
+    (('data',), (1,))
   """
   if devices is None:
     available = jax.devices()
@@ -74,18 +83,56 @@ def make_mesh(num_devices: int | None = None,
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
-  """Leading axis split over ``"data"``: ``NamedSharding(mesh, P("data"))``."""
+  """Leading axis split over ``"data"``: ``NamedSharding(mesh, P("data"))``.
+
+  Args:
+    mesh: the data mesh (:func:`make_mesh`).
+
+  Returns:
+    The ``jax.NamedSharding`` of a batch.
+
+  Example:
+    >>> from metric_jax import sharding
+    >>> sharding.batch_sharding(sharding.make_mesh(num_devices=1)).spec
+    P('data',)
+  """
   return jax.NamedSharding(mesh, jax.P(DATA_AXIS))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
-  """Every device holds a full copy: ``NamedSharding(mesh, P())``."""
+  """Every device holds a full copy: ``NamedSharding(mesh, P())``.
+
+  Args:
+    mesh: the data mesh (:func:`make_mesh`).
+
+  Returns:
+    The replicated ``jax.NamedSharding`` (parameters, optimiser state).
+
+  Example:
+    >>> from metric_jax import sharding
+    >>> sharding.replicated(sharding.make_mesh(num_devices=1)).spec
+    P()
+  """
   return jax.NamedSharding(mesh, jax.P())
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh,
                      name: str = "batch_size") -> None:
-  """Raises unless the global batch splits evenly over devices and processes."""
+  """Raises unless the global batch splits evenly over devices and processes.
+
+  Args:
+    batch_size: the global batch size.
+    mesh: the data mesh.
+    name: the argument name quoted in the error message.
+
+  Raises:
+    ValueError: ``batch_size`` is not a multiple of the number of devices
+      or of processes.
+
+  Example:
+    >>> from metric_jax import sharding
+    >>> sharding.check_batch_size(8, sharding.make_mesh(num_devices=1))  # no error
+  """
   n_dev = mesh.devices.size
   if batch_size % n_dev:
     raise ValueError(
@@ -102,6 +149,18 @@ def local_batch_slice(global_batch_size: int) -> slice:
 
   Every process draws the same global batch indices (samplers are functions
   of the step), then loads only its contiguous share of rows.
+
+  Args:
+    global_batch_size: rows of the global batch (a multiple of the number
+      of processes, see :func:`check_batch_size`).
+
+  Returns:
+    ``slice(start, stop)`` of this process's rows.
+
+  Example:
+    >>> from metric_jax import sharding
+    >>> sharding.local_batch_slice(8)            # one process: every row
+    slice(0, 8, None)
   """
   per_process = global_batch_size // jax.process_count()
   start = jax.process_index() * per_process
@@ -119,6 +178,13 @@ def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
   Returns:
     The same pytree of global ``jax.Array`` s with leading axis
     ``local_rows * process_count``.
+
+  Example:
+    >>> import numpy as np
+    >>> from metric_jax import sharding
+    >>> batch = sharding.shard_batch({"labels": np.arange(4)}, sharding.make_mesh(num_devices=1))
+    >>> batch["labels"].shape, batch["labels"].sharding.spec
+    ((4,), P('data',))
   """
   sharding = batch_sharding(mesh)
   n_proc = jax.process_count()
@@ -132,7 +198,24 @@ def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Replicated sharding for every leaf of a (possibly abstract) state."""
+  """Replicated sharding for every leaf of a (possibly abstract) state.
+
+  Args:
+    abstract_state: pytree of arrays or ``jax.ShapeDtypeStruct`` s (e.g.
+      from ``jax.eval_shape``), used as ``out_shardings`` of the jitted
+      initialisation.
+    mesh: the data mesh.
+
+  Returns:
+    A pytree of the same structure holding :func:`replicated` shardings.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from metric_jax import sharding
+    >>> state = {"w": jax.ShapeDtypeStruct((3, 2), jnp.float32)}
+    >>> sharding.state_shardings(state, sharding.make_mesh(num_devices=1))["w"].spec
+    P()
+  """
   rep = replicated(mesh)
   return jax.tree.map(lambda _: rep, abstract_state)
 
@@ -158,6 +241,11 @@ def initialize_distributed(coordinator_address: str | None = None,
 
   Returns:
     Whether ``jax.distributed`` was initialised.
+
+  Example:
+    >>> from metric_jax import sharding
+    >>> sharding.initialize_distributed()        # no arguments: single process
+    False
   """
   if (coordinator_address is None and num_processes is None and process_id is None
       and not kwargs):
