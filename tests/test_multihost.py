@@ -31,7 +31,11 @@ def _free_port() -> int:
 
 def _env(devices_per_process: int) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+  # The cheap-compilation flags of tests/conftest.py, with this run's
+  # device count (both runs compared here use the same flags).
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices_per_process} "
+                      "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
