@@ -89,12 +89,12 @@ def label_masks(labels: jax.Array, ref_labels: jax.Array | None = None, *,
   # which takes seconds at B = 1024 and minutes at B = 2048. The barrier
   # keeps the masks run-time values; it costs nothing at run time.
   labels = jax.lax.optimization_barrier(jnp.asarray(labels))
-  if not same:
-    ref_labels = jax.lax.optimization_barrier(jnp.asarray(ref_labels))
   if same:
     ref_labels = labels
     if ref_where is None:
       ref_where = where
+  else:
+    ref_labels = jax.lax.optimization_barrier(jnp.asarray(ref_labels))
   m = ref_labels.shape[0]
   if exclude_self is None:
     exclude_self = same

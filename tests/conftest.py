@@ -8,9 +8,9 @@ import tempfile
 # Test time is mostly XLA compile time of small programs: skip the expensive
 # LLVM passes (about 20% less CPU for the suite; results are unchanged, the
 # tests compare at rtol >= 1e-5).
-_TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
-                   "--xla_backend_optimization_level=0",
-                   "--xla_llvm_disable_expensive_passes=true")
+CHEAP_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                       "--xla_llvm_disable_expensive_passes=true")
+_TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",) + CHEAP_COMPILE_FLAGS
 _flags = os.environ.get("XLA_FLAGS", "")
 for _flag in _TEST_XLA_FLAGS:
   if _flag.split("=")[0] not in _flags:

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import CHEAP_COMPILE_FLAGS
+
 WORKER = pathlib.Path(__file__).resolve().parent / "multihost_worker.py"
 # Generous: compile time dominates and CI machines may be loaded.
 TIMEOUT_S = float(os.environ.get("METRIC_JAX_MULTIHOST_TIMEOUT", "600"))
@@ -31,11 +33,11 @@ def _free_port() -> int:
 
 def _env(devices_per_process: int) -> dict:
   env = dict(os.environ)
-  # The cheap-compilation flags of tests/conftest.py, with this run's
-  # device count (both runs compared here use the same flags).
-  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices_per_process} "
-                      "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+  # The tests' cheap-compilation flags, with this run's device count (both
+  # runs compared here use the same flags).
+  env["XLA_FLAGS"] = " ".join(
+      (f"--xla_force_host_platform_device_count={devices_per_process}",)
+      + CHEAP_COMPILE_FLAGS)
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

@@ -206,5 +206,6 @@ def angular_loss(embeddings: jax.Array, labels: jax.Array,
     terms = _grid.smallest_fitting_grid(
         _GATHER_SIZES, s.shape[1], jnp.max(jnp.sum(pos, axis=1)),
         lambda p: _gathered(s, r, pos, neg, k, c, p), dense)
+  # masked_logsumexp drops NaN sums: keep NaN inputs visible.
   return reductions.keep_nan(reductions.reduce(terms, masks.pos, reduction), s,
                               masks.pos | masks.neg)
