@@ -31,15 +31,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from metric_jax import _checks
 
 __all__ = ["METRIC_NAMES", "Metric", "MetricLike", "custom", "is_similarity", "l2_normalize",
-           "pairwise", "safe_sqrt"]
+           "pairwise", "safe_sqrt", "self_pairwise_for_symmetric_loss"]
 
 _EPS = 1e-12
 # Full f32 matmuls: accelerators otherwise default to reduced-precision
@@ -160,8 +162,43 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), x * 0.0)
 
 
+def _transpose_unfolded(a: jax.Array, block: int = 8) -> jax.Array:
+  """``a.T`` for an [R, C] array, written so that XLA keeps it a separate
+  (cheap) transpose instead of folding it into a neighbouring matrix product.
+
+  Folded into ``G^T @ x``, the transpose makes XLA:CPU contract over the
+  rows of the large [B, M] operand, a path about twice as slow as the plain
+  product; transposing the small [M, D] / [D, B] operands instead keeps
+  every product in the fast layout. Exactly ``a.T``.
+  """
+  r, c = a.shape
+  if r % block:
+    return a.T
+  return a.reshape(r // block, block, c).transpose(2, 0, 1).reshape(c, r)
+
+
+@jax.custom_jvp
 def _dot(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x @ y.T`` at full precision ([N, D] x [M, D] -> [N, M])."""
   return jnp.matmul(x, y.T, precision=_PRECISION)
+
+
+@functools.partial(_dot.defjvp, symbolic_zeros=True)
+def _dot_jvp(primals, tangents):
+  # The tangent through y is x @ dy^T with dy^T transposed on its own: its
+  # transpose (the reverse-mode product) is then (x^T G)^T with both
+  # transposes on [D, M]-sized arrays, and the [N, M] cotangent G is read in
+  # its natural layout. The tangent through x is the plain product.
+  (x, y), (dx, dy) = primals, tangents
+  value = _dot(x, y)
+  parts = []
+  if not isinstance(dx, SymbolicZero):
+    parts.append(jnp.matmul(dx, y.T, precision=_PRECISION))
+  if not isinstance(dy, SymbolicZero):
+    parts.append(jnp.matmul(x, _transpose_unfolded(dy), precision=_PRECISION))
+  if not parts:
+    return value, jnp.zeros_like(value)
+  return value, sum(parts[1:], parts[0])
 
 
 def _squared_euclidean(x: jax.Array, y: jax.Array, same: bool) -> jax.Array:
@@ -189,6 +226,72 @@ _BUILTIN = {
 
 METRIC_NAMES = tuple(_BUILTIN)
 """Names of the built-in metrics: ``("euclidean", "squared_euclidean", "cosine", "dot")``."""
+
+
+def _one_sided(name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """The built-in ``name`` between ``x`` and a reference copy ``y`` of it,
+  with the self-comparison's exact-zero Euclidean diagonal."""
+  fn = _BUILTIN[name][0]
+  matrix = fn(x, y, False)
+  if name in ("euclidean", "squared_euclidean"):
+    matrix = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, matrix)
+  return matrix
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _self_pairwise_symmetric(x: jax.Array, name: str) -> jax.Array:
+  return _BUILTIN[name][0](x, x, True)
+
+
+@_self_pairwise_symmetric.defjvp
+def _self_pairwise_symmetric_jvp(name, primals, tangents):
+  # For a symmetric metric, d(x_i, x_j) = d(x_j, x_i), the tangent of the
+  # matrix is T + T^T with T the tangent through the rows only. A caller
+  # whose weights on the tangent are symmetric (C_ij = C_ji) sees the same
+  # number from 2 T: <C, T + T^T> = <C, 2 T>. Transposed, 2 T gives the
+  # gradient 2 C' x: one matrix product, and none with a transposed operand
+  # (XLA:CPU runs those at less than half the speed).
+  # The value is recomputed without this rule, so that a derivative of the
+  # gradient (whose consumer of the matrix is no longer symmetric) is exact.
+  (x,), (dx,) = primals, tangents
+  value = _BUILTIN[name][0](x, x, True)
+  _, rows_tangent = jax.jvp(lambda a: _one_sided(name, a, x), (x,), (dx,))
+  return value, 2.0 * rows_tangent
+
+
+def self_pairwise_for_symmetric_loss(x: jax.Array, metric: str = "euclidean") -> jax.Array:
+  """``pairwise(x, None, metric)`` for a loss that treats pairs symmetrically.
+
+  Same values as :func:`pairwise`; the derivative is specialised: it is
+  exact only for a consumer whose sensitivity to entry ``(i, j)`` equals its
+  sensitivity to ``(j, i)`` (``dL/dM`` symmetric), e.g. a mean over all
+  positive pairs and a mean over all negative pairs. Then the gradient costs
+  one [B, B] x [B, D] product instead of two. Per-anchor normalisations
+  (softmax over a row, hardest per row, a ``pair_mask`` or per-anchor
+  weights) break the symmetry: use :func:`pairwise` for those.
+
+  Args:
+    x: [B, D] float array.
+    metric: a built-in name (:data:`METRIC_NAMES`; all are symmetric).
+
+  Returns:
+    [B, B] float32 matrix, equal to ``pairwise(x, None, metric)``.
+
+  Raises:
+    ValueError / TypeError: on a wrong rank, dtype or an unknown metric name.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([[0., 0.], [3., 4.], [1., 1.]])
+    >>> loss = lambda f: (lambda e: jnp.sum(f(e) ** 2))
+    >>> fast = jax.grad(loss(self_pairwise_for_symmetric_loss))(x)
+    >>> slow = jax.grad(loss(pairwise))(x)
+    >>> bool(jnp.allclose(fast, slow))
+    True
+  """
+  _checks.embeddings(x, "x")
+  _checks.choice(metric, METRIC_NAMES, "metric")
+  return _self_pairwise_symmetric(x.astype(jnp.float32), metric)
 
 
 def is_similarity(metric: MetricLike) -> bool:

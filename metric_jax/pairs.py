@@ -208,7 +208,8 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
             distance: distances_lib.MetricLike = "euclidean",
             where: jax.Array | None = None,
             ref_where: jax.Array | None = None,
-            pair_mask: jax.Array | None = None) -> PairwiseProblem:
+            pair_mask: jax.Array | None = None,
+            symmetric: bool = False) -> PairwiseProblem:
   """Validates inputs, computes the [B, M] metric matrix and the label masks.
 
   Invalid rows (``where`` / ``ref_where`` False) are zeroed before the
@@ -225,6 +226,13 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
     where: optional [B] bool validity of anchors.
     ref_where: optional [M] bool validity of references.
     pair_mask: optional [B, M] bool restriction of the pairs (miners).
+    symmetric: the caller's loss weighs pair ``(i, j)`` exactly as
+      ``(j, i)`` (global sums or means over pair masks, no per-anchor
+      normalisation). When the batch is compared with itself under a
+      built-in metric, with no ``pair_mask`` and no separate ``ref_where``,
+      the matrix then comes from
+      :func:`metric_jax.distances.self_pairwise_for_symmetric_loss`, whose
+      gradient takes one matrix product instead of two. Default False.
 
   Returns:
     :class:`PairwiseProblem`.
@@ -240,7 +248,11 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
                ref_where, pair_mask)
   is_sim = distances_lib.is_similarity(distance)
   x = zero_invalid_rows(embeddings, where)
-  if ref_embeddings is None:
+  symmetric_pairs = (symmetric and ref_where is None and pair_mask is None
+                     and isinstance(distance, str))
+  if ref_embeddings is None and symmetric_pairs:
+    matrix = distances_lib.self_pairwise_for_symmetric_loss(x, distance)
+  elif ref_embeddings is None:
     matrix = distances_lib.pairwise(x, None, distance)
   else:
     y = zero_invalid_rows(ref_embeddings, ref_where)

@@ -99,11 +99,13 @@ def reduce(terms: jax.Array, mask: jax.Array | None = None,
   total = jnp.sum(masked)
   if reduction == "sum":
     return total
+  # Counted in float32: XLA:CPU reduces floats several times faster than
+  # integers, and float32 counts are exact up to 2^24 terms.
   if reduction == "mean":
-    count = jnp.sum(valid)
+    count = jnp.sum(valid, dtype=jnp.float32)
   else:  # mean_nonzero
-    count = jnp.sum(valid & (terms > 0))
-  return total / jnp.maximum(count, 1).astype(jnp.float32)
+    count = jnp.sum(valid & (terms > 0), dtype=jnp.float32)
+  return total / jnp.maximum(count, 1.0)
 
 
 def keep_nan(result: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -177,9 +179,9 @@ def per_anchor_mean(terms: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.A
     ([2.0, 0.0], [True, False])
   """
   terms = terms.astype(jnp.float32)
-  count = jnp.sum(mask, axis=-1)
+  count = jnp.sum(mask, axis=-1, dtype=jnp.float32)
   total = jnp.sum(jnp.where(mask, terms, 0.0), axis=-1)
-  return total / jnp.maximum(count, 1).astype(jnp.float32), count > 0
+  return total / jnp.maximum(count, 1.0), count > 0
 
 
 def masked_logsumexp(x: jax.Array, mask: jax.Array, axis: int = -1,

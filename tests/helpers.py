@@ -162,3 +162,33 @@ def check_loss_contract(loss_fn, *, b: int = 12, d: int = 5, seed: int = 0,
   # NaN in a valid embedding is not hidden.
   nan_emb = emb.at[0, 0].set(jnp.nan)
   assert not np.isfinite(float(loss_jit(nan_emb, labels))), "NaN input was hidden"
+
+
+def check_symmetric_gradient_path(loss_fn, *, metrics=("euclidean", "squared_euclidean",
+                                                        "cosine", "dot"),
+                                  reductions=("mean_nonzero", "mean", "sum"), b: int = 12):
+  """For a loss that compares the batch with itself through
+  ``distances.self_pairwise_for_symmetric_loss`` (one matrix product in the
+  gradient), checks its gradients against the general path, which an
+  all-True ``pair_mask`` selects: with ``where``, NaN padding included,
+  and for ``reduction="none"`` under row weights that break the symmetry
+  (that reduction must take the general path)."""
+  emb = jnp.asarray(random_embeddings(11, b, 5))
+  labels = jnp.asarray(label_layouts(b)["with_singletons"])
+  where = jnp.arange(b) < b - 2
+  padded = emb.at[b - 2:].set(jnp.nan)
+  everything = jnp.ones((b, b), bool)
+  for metric in metrics:
+    for reduction in reductions:
+      kw = dict(distance=metric, reduction=reduction, where=where)
+      fast = jax.grad(lambda e: loss_fn(e, labels, **kw))(padded)
+      general = jax.grad(lambda e: loss_fn(e, labels, pair_mask=everything, **kw))(padded)
+      assert np.all(np.isfinite(fast)), (metric, reduction)
+      np.testing.assert_allclose(fast, general, rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{metric} {reduction}")
+    row_weights = jnp.linspace(0.5, 2.0, b)[:, None]
+    weighted = lambda mask: jax.grad(lambda e: jnp.sum(
+        row_weights * loss_fn(e, labels, distance=metric, reduction="none",
+                              pair_mask=mask)))(emb)
+    np.testing.assert_allclose(weighted(None), weighted(everything), rtol=1e-5, atol=1e-7,
+                               err_msg=f"{metric} none")

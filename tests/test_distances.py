@@ -100,3 +100,62 @@ def test_bad_inputs_name_the_argument():
     mj.distances.pairwise(x, metric="manhattan")
   with pytest.raises(TypeError, match="`metric` must be one of"):
     mj.distances.pairwise(x, metric=3)
+
+
+@pytest.mark.parametrize("n, m", [(16, 24), (7, 5)])   # a multiple of 8 and not
+def test_matrix_product_derivatives_match_the_plain_product(n, m):
+  # distances._dot has its own JVP rule (so that the reverse-mode product
+  # keeps XLA:CPU's fast layout); every derivative must equal the plain one.
+  x = jnp.asarray(random_embeddings(0, n, 6))
+  y = jnp.asarray(random_embeddings(1, m, 6))
+  weights = jnp.asarray(random_embeddings(2, n, m))
+  plain = lambda a, b: jnp.sum(weights * jnp.sin(jnp.matmul(a, b.T)))
+  ours = lambda a, b: jnp.sum(weights * jnp.sin(mj.distances.pairwise(a, b, "dot")))
+  for derivative in (jax.grad, jax.jacfwd):
+    got = derivative(ours, argnums=(0, 1))(x, y)
+    want = derivative(plain, argnums=(0, 1))(x, y)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  # Self-comparison: both tangents are x.
+  self_w = weights[:, :n] if m >= n else jnp.ones((n, n))
+  got = jax.grad(lambda a: jnp.sum(self_w * mj.distances.pairwise(a, None, "dot") ** 2))(x)
+  want = jax.grad(lambda a: jnp.sum(self_w * jnp.matmul(a, a.T) ** 2))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  # Second order (forward over reverse).
+  small_y = y[:, :2]
+  hess = jax.hessian(lambda a: jnp.sum(mj.distances.pairwise(a, small_y, "dot") ** 2))(x[:3, :2])
+  hess_want = jax.hessian(lambda a: jnp.sum(jnp.matmul(a, small_y.T) ** 2))(x[:3, :2])
+  np.testing.assert_allclose(hess, hess_want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_symmetric_loss_path_equals_pairwise(metric):
+  x = jnp.asarray(random_embeddings(3, 9, 4, scale=1.5))
+  a = jnp.asarray(random_embeddings(4, 9, 9))
+  sym_weights = a + a.T                        # a consumer that weighs (i, j) as (j, i)
+  fast = mj.distances.self_pairwise_for_symmetric_loss(x, metric)
+  slow = mj.distances.pairwise(x, None, metric)
+  np.testing.assert_array_equal(fast, slow)
+
+  def consumer(matrix_fn):
+    return lambda e: jnp.sum(sym_weights * jnp.tanh(matrix_fn(e)))
+
+  fast_fn = lambda e: mj.distances.self_pairwise_for_symmetric_loss(e, metric)
+  slow_fn = lambda e: mj.distances.pairwise(e, None, metric)
+  for derivative in (jax.grad, jax.jacfwd):
+    np.testing.assert_allclose(derivative(consumer(fast_fn))(x), derivative(consumer(slow_fn))(x),
+                               rtol=1e-5, atol=1e-5)
+  # Second order: the gradient's own gradient (a Hessian-vector product).
+  v = jnp.asarray(random_embeddings(5, 9, 4))
+  hvp = lambda fn: jax.grad(lambda e: jnp.vdot(jax.grad(consumer(fn))(e), v))(x)
+  np.testing.assert_allclose(hvp(fast_fn), hvp(slow_fn), rtol=1e-4, atol=1e-4)
+  # The contract is real: an asymmetric consumer gets a different gradient.
+  asym = lambda fn: jax.grad(lambda e: jnp.sum(a * fn(e)))(x)
+  assert not np.allclose(asym(fast_fn), asym(slow_fn), atol=1e-3)
+
+
+def test_symmetric_loss_path_rejects_bad_inputs():
+  with pytest.raises(ValueError, match="`x` must have rank 2"):
+    mj.distances.self_pairwise_for_symmetric_loss(jnp.ones(3))
+  with pytest.raises((ValueError, TypeError), match="`metric` must be one of"):
+    mj.distances.self_pairwise_for_symmetric_loss(jnp.ones((3, 2)), "manhattan")

@@ -94,10 +94,18 @@ def _xbm_jax(emb, labels, params):
 
 
 def _xbm_pml(num_classes, dim):
-  del num_classes
+  """PML's CrossBatchMemory with its memory already full of the same
+  _XBM_SIZE samples as the JAX side (an empty PML memory fills only after
+  _XBM_SIZE / B calls, which would time a smaller problem)."""
+  import torch  # pylint: disable=import-outside-toplevel
   from pytorch_metric_learning import losses as pml_losses  # pylint: disable=import-outside-toplevel
-  return pml_losses.CrossBatchMemory(pml_losses.ContrastiveLoss(), dim,
-                                     memory_size=_XBM_SIZE)
+  module = pml_losses.CrossBatchMemory(pml_losses.ContrastiveLoss(), dim,
+                                       memory_size=_XBM_SIZE)
+  stored, stored_labels = _xbm_memory(dim, num_classes)
+  module.embedding_memory = torch.from_numpy(stored.copy())
+  module.label_memory = torch.from_numpy(stored_labels.astype(np.int64))
+  module.has_been_filled = True
+  return module
 
 
 CASES = [

@@ -75,7 +75,8 @@ def contrastive_loss(embeddings: jax.Array, labels: jax.Array,
   _checks.scalar(neg_margin, "neg_margin")
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
-                          pair_mask=pair_mask)
+                          pair_mask=pair_mask,
+                          symmetric=reduction != "none")
   mat, masks = problem.matrix, problem.masks
   if problem.is_similarity:
     pos_terms = jax.nn.relu(pos_margin - mat)

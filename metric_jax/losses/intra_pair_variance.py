@@ -67,7 +67,8 @@ def intra_pair_variance_loss(embeddings: jax.Array, labels: jax.Array,
   _checks.scalar(neg_eps, "neg_eps")
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
-                          pair_mask=pair_mask)
+                          pair_mask=pair_mask,
+                          symmetric=reduction != "none")
   mat, masks = problem.matrix, problem.masks
   mu_p, _ = reductions.per_anchor_mean(mat.reshape(1, -1), masks.pos.reshape(1, -1))
   mu_n, _ = reductions.per_anchor_mean(mat.reshape(1, -1), masks.neg.reshape(1, -1))

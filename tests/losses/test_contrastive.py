@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import metric_jax as mj
-from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_normalize,
+from tests.helpers import (HAS_PML, check_loss_contract, check_symmetric_gradient_path,
+                           label_layouts, np_normalize,
                            np_pairwise, random_embeddings)
 
 
@@ -147,3 +148,10 @@ def test_pml_parity(layout):
   got = mj.losses.contrastive_loss(np_normalize(emb).astype(np.float32), labels,
                                    pos_margin=0.2, neg_margin=0.6)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_symmetric_gradient_path_equals_general_path():
+  check_symmetric_gradient_path(mj.losses.contrastive_loss)
+  check_symmetric_gradient_path(
+      lambda e, l, **kw: mj.losses.contrastive_loss(e, l, squared=True, pos_margin=0.1, **kw),
+      metrics=("euclidean", "cosine"), reductions=("mean_nonzero",))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import metric_jax as mj
-from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_normalize,
+from tests.helpers import (HAS_PML, check_loss_contract, check_symmetric_gradient_path,
+                           label_layouts, np_normalize,
                            np_pairwise, random_embeddings)
 
 
@@ -100,3 +101,7 @@ def test_pml_parity(layout):
     want = pml_losses.IntraPairVarianceLoss(**kw)(torch.tensor(emb), torch.tensor(labels)).item()
     got = mj.losses.intra_pair_variance_loss(emb_n, labels, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_symmetric_gradient_path_equals_general_path():
+  check_symmetric_gradient_path(mj.losses.intra_pair_variance_loss)
