@@ -38,6 +38,7 @@ __all__ = [
     "init_large_margin_softmax",
 ]
 
+import functools
 import math
 
 import jax
@@ -127,6 +128,18 @@ def _one_hot(labels, num_classes: int) -> jax.Array:
   """[B, C] bool; an all-False row for an out-of-range label."""
   lab = jnp.asarray(labels).astype(jnp.int32)
   return lab[:, None] == jnp.arange(num_classes, dtype=jnp.int32)[None, :]
+
+
+def _with_target_margin(cos: jax.Array, labels, margin_fn) -> jax.Array:
+  """``cos`` with ``margin_fn`` applied at each row's target class only.
+
+  The margin is evaluated on the [B] target cosines, not on all [B, C]
+  entries (arccos, square roots and polynomials are the costly part of
+  these losses otherwise). Rows with an out-of-range label keep ``cos``.
+  """
+  target = _one_hot(labels, cos.shape[1])
+  target_cos = jnp.sum(jnp.where(target, cos, 0.0), axis=1)
+  return jnp.where(target, margin_fn(target_cos)[:, None], cos)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -398,8 +411,7 @@ def arcface_logits(embeddings: jax.Array, weights: jax.Array,
   if labels is None:
     return scale * cos
   _label_out_of_range(labels, weights.shape[0])
-  target = _one_hot(labels, weights.shape[0])
-  return scale * jnp.where(target, _arc_margin(cos, margin), cos)
+  return scale * _with_target_margin(cos, labels, lambda t: _arc_margin(t, margin))
 
 
 def arcface_loss(embeddings: jax.Array, labels: jax.Array,
@@ -560,11 +572,14 @@ def subcenter_arcface_logits(embeddings: jax.Array, weights: jax.Array,
   # an elementwise max of k [B, C] blocks (a reduction over a minor axis of
   # size k is about 1.5x slower for the whole loss on CPU).
   by_center = jnp.reshape(jnp.transpose(w, (1, 0, 2)), (k * c, d))
-  cos = jnp.max(_cosine(embeddings, by_center).reshape(-1, k, c), axis=1)
+  blocks = _cosine(embeddings, by_center).reshape(-1, k, c)
+  # A chain of pairwise maxima: its gradient is a select per block, where
+  # jnp.max's counts ties over the whole [B, k, C] array first.
+  cos = functools.reduce(jnp.maximum, [blocks[:, i] for i in range(k)])
   if labels is None:
     return scale * cos
   _label_out_of_range(labels, c)
-  return scale * jnp.where(_one_hot(labels, c), _arc_margin(cos, margin), cos)
+  return scale * _with_target_margin(cos, labels, lambda t: _arc_margin(t, margin))
 
 
 def subcenter_arcface_loss(embeddings: jax.Array, labels: jax.Array,
@@ -769,8 +784,7 @@ def _large_margin_common(embeddings, weights, labels, margin, scale, weight_norm
   cos = _cosine(embeddings, weights)
   if labels is not None:
     _label_out_of_range(labels, weights.shape[0])
-    cos = jnp.where(_one_hot(labels, weights.shape[0]),
-                    _multiplicative_margin(cos, margin), cos)
+    cos = _with_target_margin(cos, labels, lambda t: _multiplicative_margin(t, margin))
   mag = _norms(embeddings)[:, None]
   if weight_norms:
     mag = mag * _norms(weights)[None, :]
