@@ -568,13 +568,12 @@ def subcenter_arcface_logits(embeddings: jax.Array, weights: jax.Array,
   _check_angular(margin, scale)
   w = _subcenter_weights(weights, sub_centers)
   c, k, d = w.shape
-  # Sub-centre-major rows ([k, C] blocks): the max over sub-centres is then
-  # an elementwise max of k [B, C] blocks (a reduction over a minor axis of
-  # size k is about 1.5x slower for the whole loss on CPU).
+  # Sub-centre-major rows ([k, C] blocks): the max over sub-centres is a
+  # chain of elementwise maxima of k [B, C] blocks, whose gradient is one
+  # select per block (a reduction over a minor axis of size k, or jnp.max
+  # with its tie counting, is slower for the whole loss on CPU).
   by_center = jnp.reshape(jnp.transpose(w, (1, 0, 2)), (k * c, d))
   blocks = _cosine(embeddings, by_center).reshape(-1, k, c)
-  # A chain of pairwise maxima: its gradient is a select per block, where
-  # jnp.max's counts ties over the whole [B, k, C] array first.
   cos = functools.reduce(jnp.maximum, [blocks[:, i] for i in range(k)])
   if labels is None:
     return scale * cos
