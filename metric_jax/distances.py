@@ -248,11 +248,11 @@ def _self_pairwise_symmetric_jvp(name, primals, tangents):
   # whose weights on the tangent are symmetric (C_ij = C_ji) sees the same
   # number from 2 T: <C, T + T^T> = <C, 2 T>. Transposed, 2 T gives the
   # gradient 2 C' x: one matrix product instead of two.
-  # The value is recomputed without this rule, so that a derivative of the
-  # gradient (whose consumer of the matrix is no longer symmetric) is exact.
+  # The value is the rows-only evaluation's (the same numbers), made of
+  # plain operations, so that a derivative of the gradient (whose consumer
+  # of the matrix is no longer symmetric) is exact.
   (x,), (dx,) = primals, tangents
-  value = _BUILTIN[name][0](x, x, True)
-  _, rows_tangent = jax.jvp(lambda a: _one_sided(name, a, x), (x,), (dx,))
+  value, rows_tangent = jax.jvp(lambda a: _one_sided(name, a, x), (x,), (dx,))
   return value, 2.0 * rows_tangent
 
 

@@ -248,12 +248,11 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
                ref_where, pair_mask)
   is_sim = distances_lib.is_similarity(distance)
   x = zero_invalid_rows(embeddings, where)
-  symmetric_pairs = (symmetric and ref_where is None and pair_mask is None
-                     and isinstance(distance, str))
-  if ref_embeddings is None and symmetric_pairs:
-    matrix = distances_lib.self_pairwise_for_symmetric_loss(x, distance)
-  elif ref_embeddings is None:
-    matrix = distances_lib.pairwise(x, None, distance)
+  if ref_embeddings is None:
+    one_product = (symmetric and ref_where is None and pair_mask is None
+                   and isinstance(distance, str))
+    matrix = (distances_lib.self_pairwise_for_symmetric_loss(x, distance) if one_product
+              else distances_lib.pairwise(x, None, distance))
   else:
     y = zero_invalid_rows(ref_embeddings, ref_where)
     matrix = distances_lib.pairwise(x, y, distance)
