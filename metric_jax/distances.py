@@ -41,7 +41,7 @@ from jax.custom_derivatives import SymbolicZero
 from metric_jax import _checks
 
 __all__ = ["METRIC_NAMES", "Metric", "MetricLike", "custom", "is_similarity", "l2_normalize",
-           "pairwise", "safe_sqrt", "self_pairwise_for_symmetric_loss"]
+           "paired", "pairwise", "safe_sqrt", "self_pairwise_for_symmetric_loss"]
 
 _EPS = 1e-12
 # Full f32 matmuls: accelerators otherwise default to reduced-precision
@@ -371,5 +371,59 @@ def pairwise(x: jax.Array, y: jax.Array | None = None,
           f"custom `metric` must return shape {expected} for inputs {x.shape} and "
           f"{y32.shape}, got {out.shape}.")
     return out
+  raise TypeError(
+      f"`metric` must be one of {METRIC_NAMES} or a callable, got {type(metric).__name__}.")
+
+
+_PAIRED = {
+    "euclidean": lambda x, y: safe_sqrt(jnp.sum(jnp.square(x - y), axis=-1)),
+    "squared_euclidean": lambda x, y: jnp.sum(jnp.square(x - y), axis=-1),
+    "cosine": lambda x, y: jnp.sum(l2_normalize(x) * l2_normalize(y), axis=-1),
+    "dot": lambda x, y: jnp.sum(x * y, axis=-1),
+}
+
+
+def paired(x: jax.Array, y: jax.Array, metric: MetricLike = "euclidean") -> jax.Array:
+  """The metric between matching rows: entry ``k`` compares ``x_k`` with ``y_k``.
+
+  The diagonal of ``pairwise(x, y, metric)`` in O(N D) instead of O(N^2 D),
+  for losses that first choose one reference per anchor (batch-hard mining)
+  and then need only those distances, with their gradient. The Euclidean
+  distances are computed from the differences ``x_k - y_k`` (exact 0 for
+  equal rows, no cancellation), so they can differ from the matrix entries
+  in the last bits.
+
+  Args:
+    x: [N, D] float array.
+    y: [N, D] float array.
+    metric: a built-in name or a callable ``fn(x, y) -> [N, M]`` (then
+      evaluated one pair at a time under ``vmap``).
+
+  Returns:
+    [N] float32.
+
+  Raises:
+    ValueError / TypeError: on wrong ranks, unequal shapes or an unknown
+      metric name.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0., 0.], [1., 1.]])
+    >>> paired(x, jnp.array([[3., 4.], [1., 1.]])).tolist()
+    [5.0, 0.0]
+    >>> paired(x, jnp.array([[3., 4.], [2., 0.]]), "dot").tolist()
+    [0.0, 2.0]
+  """
+  _checks.embeddings(x, "x")
+  _checks.embeddings(y, "y")
+  if x.shape != y.shape:
+    raise ValueError(f"`x` and `y` must have the same shape, got {x.shape} and {y.shape}.")
+  x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+  if isinstance(metric, str):
+    _checks.choice(metric, METRIC_NAMES, "metric")
+    return _PAIRED[metric](x32, y32)
+  if callable(metric):
+    one = lambda a, b: jnp.asarray(metric(a[None], b[None])).reshape(()).astype(jnp.float32)
+    return jax.vmap(one)(x32, y32)
   raise TypeError(
       f"`metric` must be one of {METRIC_NAMES} or a callable, got {type(metric).__name__}.")

@@ -103,6 +103,5 @@ def instance_loss(embeddings: jax.Array, labels: jax.Array,
   lse, _ = reductions.masked_logsumexp(logits, jnp.broadcast_to(col_valid, logits.shape))
   picked = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
   terms = jnp.where(row_valid, lse - picked, 0.0)
-  # masked_logsumexp drops NaN sums: keep NaN inputs visible.
-  return reductions.keep_nan(reductions.reduce(terms, row_valid, reduction), logits,
-                              row_valid[:, None] & col_valid[None, :])
+  # A NaN logit makes its row's lse NaN: keep it visible in every reduction.
+  return reductions.keep_nan(reductions.reduce(terms, row_valid, reduction), lse, row_valid)

@@ -73,6 +73,6 @@ def nca_loss(embeddings: jax.Array, labels: jax.Array,
   lse_all, _ = reductions.masked_logsumexp(z, masks.pos | masks.neg)
   lse_pos, has_p = reductions.masked_logsumexp(z, masks.pos)
   terms = jnp.where(has_p, lse_all - lse_pos, 0.0)
-  # masked_logsumexp drops NaN sums: keep NaN inputs visible.
-  return reductions.keep_nan(reductions.reduce(terms, has_p, reduction), z,
-                              masks.pos | masks.neg)
+  # A NaN entry makes its row's lse_all NaN; keep it visible in the loss
+  # even when that row has no positive.
+  return reductions.keep_nan(reductions.reduce(terms, has_p, reduction), lse_all, True)

@@ -145,6 +145,5 @@ def supcon_loss(embeddings: jax.Array, labels: jax.Array,
   terms = lse_all - mean_pos
   valid = has_p & jnp.any(masks.pos) & jnp.any(masks.neg)
   terms = jnp.where(valid, terms, 0.0)
-  # masked_logsumexp drops NaN sums: keep NaN inputs visible.
-  return reductions.keep_nan(reductions.reduce(terms, valid, reduction), z,
-                              masks.pos | masks.neg)
+  # A NaN logit makes its row's lse_all NaN: keep it visible in every reduction.
+  return reductions.keep_nan(reductions.reduce(terms, valid, reduction), lse_all, True)

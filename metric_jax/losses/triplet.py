@@ -167,11 +167,6 @@ def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
   return jnp.where(overflow, jnp.nan, result)
 
 
-def _pick(matrix, index):
-  """matrix[b, index[b]] for [B, M] x [B] -> [B]."""
-  return jnp.take_along_axis(matrix, index[:, None], axis=1)[:, 0]
-
-
 def _argmax_masked(values, mask):
   return jnp.argmax(jnp.where(mask, values, -jnp.inf), axis=1)
 
@@ -275,12 +270,39 @@ def triplet_margin_loss(embeddings: jax.Array, labels: jax.Array,
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
                           pair_mask=pair_mask)
+  if mining in ("hard", "easy"):
+    return _one_triplet_per_anchor(problem, embeddings, where, ref_embeddings, ref_where,
+                                   distance, margin, mining == "hard", soft, swap, reduction)
   result = _mined_loss(problem, ref_embeddings, ref_where, distance, margin, mining,
                        semihard, band_select, soft, swap, reduction, anchor_tile,
                        max_positives)
   # Band tests and argmin selections drop NaN distances silently: surface them.
   masks = problem.masks
   return reductions.keep_nan(result, problem.matrix, masks.pos | masks.neg)
+
+
+def _one_triplet_per_anchor(problem, embeddings, where, ref_embeddings, ref_where, distance,
+                            margin, hardest_positive, soft, swap, reduction):
+  """Batch-hard (or easy-positive) mining: the matrix only chooses each
+  anchor's positive and negative; their distances (and the gradient) are
+  then recomputed from the embeddings, O(B D) instead of a backward pass
+  through the [B, M] matrix (two matrix products)."""
+  sign = -1.0 if problem.is_similarity else 1.0
+  dist = jax.lax.stop_gradient(sign * problem.matrix)
+  pos, neg = problem.masks.pos, problem.masks.neg
+  p_idx = _argmax_masked(dist if hardest_positive else -dist, pos)
+  n_idx = _argmax_masked(-dist, neg)
+  has = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
+  x = pairs.zero_invalid_rows(embeddings, where)
+  refs = x if ref_embeddings is None else pairs.zero_invalid_rows(ref_embeddings, ref_where)
+  positives, negatives = refs[p_idx], refs[n_idx]
+  d_ap = sign * distances_lib.paired(x, positives, distance)
+  d_an = sign * distances_lib.paired(x, negatives, distance)
+  if swap:
+    d_an = jnp.minimum(d_an, sign * distances_lib.paired(positives, negatives, distance))
+  result = reductions.reduce(_hinge(d_ap - d_an, margin, soft), has, reduction)
+  # The selection skips NaN distances of other pairs: surface them.
+  return reductions.keep_nan(result, dist, problem.masks.pos | problem.masks.neg)
 
 
 def _mined_loss(problem, ref_embeddings, ref_where, distance, margin, mining,
@@ -297,22 +319,6 @@ def _mined_loss(problem, ref_embeddings, ref_where, distance, margin, mining,
       ref = pairs.zero_invalid_rows(ref_embeddings, ref_where)
       ref_dist = distances_lib.pairwise(ref, None, distance)
       ref_dist = -ref_dist if problem.is_similarity else ref_dist
-
-  def swapped(d_an, p_idx, n_idx):
-    if not swap:
-      return d_an
-    return jnp.minimum(d_an, ref_dist[p_idx, n_idx])
-
-  if mining in ("hard", "easy"):
-    if mining == "hard":
-      p_idx = _argmax_masked(dist, pos)
-    else:
-      p_idx = _argmax_masked(-dist, pos)
-    n_idx = _argmax_masked(-dist, neg)
-    has = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
-    d_an = swapped(_pick(dist, n_idx), p_idx, n_idx)
-    terms = _hinge(_pick(dist, p_idx) - d_an, margin, soft)
-    return reductions.reduce(terms, has, reduction)
 
   band = mining == "semihard"
   single_negative = band and (semihard == "tf" or band_select == "hardest")

@@ -422,12 +422,6 @@ def tile_matrix(rows: dict, cols: dict, distance) -> jax.Array:
   return distances_lib.pairwise(rows["x"], cols["y"], distance)
 
 
-def pair_metric(a: jax.Array, b: jax.Array, distance) -> jax.Array:
-  """Metric of row-aligned pairs: [N, D] x [N, D] -> [N] (same formula as
-  :func:`metric_jax.distances.pairwise`, without the N x N matrix)."""
-  return jax.vmap(lambda u, v: distances_lib.pairwise(u[None], v[None], distance)[0, 0])(a, b)
-
-
 def finish(total: jax.Array, n_valid: jax.Array, n_nonzero: jax.Array,
            reduction: str, ctx: Context) -> jax.Array:
   """``reductions.reduce`` from per-anchor sums and counts, global over

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from metric_jax import _checks
+from metric_jax import distances as distances_lib
 from metric_jax import reductions
 from metric_jax.losses import lifted as dense_lifted
 from metric_jax.losses import npair as dense_npair
@@ -682,7 +683,7 @@ def streaming_npair_loss(
   if row_slot is not None:   # back to [B]; rows that are not chosen get no term
     # (unused slots point at row 0 and add 0 there)
     lse = jnp.zeros((b,), lse.dtype).at[row_slot].add(jnp.where(s_rows["chosen"], lse, 0.0))
-  own = eng.pair_metric(x, positives, distance)
+  own = distances_lib.paired(x, positives, distance)
   own = own if sim else -own
   sq = lambda v: jnp.sum(v * v, axis=-1)
   terms = lse - own + 0.25 * l2_reg * (sq(x) + sq(positives))

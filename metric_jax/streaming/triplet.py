@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from metric_jax import _checks
+from metric_jax import distances as distances_lib
 from metric_jax import reductions
 from metric_jax.losses import triplet as dense_triplet
 from metric_jax.streaming import _engine as eng
@@ -135,7 +136,7 @@ def _probe(masks, dist):
 
 
 def _pair_dist(a, b, distance, sim):
-  d = eng.pair_metric(a, b, distance)
+  d = distances_lib.paired(a, b, distance)
   return -d if sim else d
 
 

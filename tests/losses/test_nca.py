@@ -52,6 +52,20 @@ def test_matches_loop_reference(layout, metric):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["squared_euclidean", "euclidean", "cosine", "dot"])
+def test_far_neighbours_stay_finite(metric):
+  # Scaled up, the neighbours' probabilities underflow float32 (e^-300 and
+  # below): the difference of log-sum-exps must still match the loop.
+  emb = 6.0 * random_embeddings(4, 12, 5)
+  labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+  scale = 300.0 if metric == "cosine" else 1.0
+  loss = lambda e: mj.losses.nca_loss(e, labels, softmax_scale=scale, distance=metric)
+  want = nca_np(np.asarray(emb), labels, softmax_scale=scale, metric=metric)
+  assert want > 1.0
+  np.testing.assert_allclose(jax.jit(loss)(emb), want, rtol=1e-5)
+  assert np.all(np.isfinite(jax.grad(loss)(emb)))
+
+
 def test_reference_set_where_and_pair_mask():
   emb = random_embeddings(2, 10, 4)
   ref = random_embeddings(3, 7, 4)
