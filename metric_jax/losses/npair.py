@@ -97,8 +97,10 @@ def npair_loss(embeddings: jax.Array, labels: jax.Array,
     max_pairs: optional static cap on the number of pairs (anchors beyond it,
       in index order, are dropped). The softmax is computed over
       ``K = min(max_pairs, B // 2)`` static slots (``B`` for ``"all"`` or
-      with a reference set); for P x K batches ``max_pairs=P`` is exact and
-      makes the softmax P x P.
+      with a reference set), or over ``K // 2`` of them when the batch's
+      pairs fit (decided at run time: a batch of 4 or more samples per
+      class); for P x K batches ``max_pairs=P`` is exact and makes the
+      softmax P x P.
 
   Returns:
     Scalar float32 loss, or [B] terms for ``reduction="none"``.
@@ -154,21 +156,35 @@ def npair_loss(embeddings: jax.Array, labels: jax.Array,
   if max_pairs is not None:
     k = min(k, max_pairs)
     chosen = chosen & (jnp.cumsum(chosen) <= k)
-  slot = jnp.nonzero(chosen, size=k, fill_value=0)[0]          # [K]
-  slot_valid = jnp.arange(k) < jnp.sum(chosen)
-  anchors = x[slot]
-  positives = ref[first_pos[slot]]
-  slot_labels = labels[slot]
-  logits = _logits(anchors, positives, distance)                # [K, K]
-  cols = slot_valid[None, :] & slot_valid[:, None]
-  cols = cols & ((slot_labels[:, None] != slot_labels[None, :]) | jnp.eye(k, dtype=bool))
-  lse, _ = reductions.masked_logsumexp(logits, cols)
-  ce = lse - jnp.diagonal(logits)
-  reg = 0.25 * l2_reg * (_sq_norms(anchors) + _sq_norms(positives))
-  terms = ce + reg
-  if reduction == "none":
-    return jnp.zeros((b,), jnp.float32).at[slot].add(jnp.where(slot_valid, terms, 0.0))
-  return reductions.reduce(terms, slot_valid, reduction)
+
+  def on_slots(k):
+    """The loss with the chosen anchors compacted into k static slots."""
+    slot = jnp.nonzero(chosen, size=k, fill_value=0)[0]          # [K]
+    slot_valid = jnp.arange(k) < jnp.sum(chosen)
+    anchors = x[slot]
+    positives = ref[first_pos[slot]]
+    slot_labels = labels[slot]
+    logits = _logits(anchors, positives, distance)                # [K, K]
+    cols = slot_valid[None, :] & slot_valid[:, None]
+    cols = cols & ((slot_labels[:, None] != slot_labels[None, :]) | jnp.eye(k, dtype=bool))
+    lse, _ = reductions.masked_logsumexp(logits, cols)
+    ce = lse - jnp.diagonal(logits)
+    reg = 0.25 * l2_reg * (_sq_norms(anchors) + _sq_norms(positives))
+    terms = ce + reg
+    if reduction == "none":
+      return jnp.zeros((b,), jnp.float32).at[slot].add(jnp.where(slot_valid, terms, 0.0))
+    return reductions.reduce(terms, slot_valid, reduction)
+
+  # k slots hold the pairs of any batch (B / 2 without references), but a
+  # batch of classes with 4 or more samples each chooses at most B / 4:
+  # then half the slots (a quarter of the softmax and of its products) are
+  # used, chosen at run time; other batches (e.g. 2 per class) take all k.
+  # A plain cond: its backward keeps zero-filled residuals of the branch not
+  # taken, cheaper here than recomputing either branch.
+  half = max(k // 2, 1)
+  if half == k:
+    return on_slots(k)
+  return jax.lax.cond(jnp.sum(chosen) <= half, lambda: on_slots(half), lambda: on_slots(k))
 
 
 def npair_loss_from_pairs(anchors: jax.Array, positives: jax.Array, *,

@@ -143,6 +143,22 @@ def test_equals_explicit_pair_layout():
   np.testing.assert_allclose(got, npair_pairs_np(a, p), rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_class", [2, 4, 8])
+def test_slot_count_follows_the_batch(per_class):
+  # B = 16 gives 8 static slots; 2, 4 and 8 samples per class choose 8, 4
+  # and 2 pairs, i.e. the full, the halved and the quartered softmax.
+  b, d = 16, 3
+  emb = jnp.asarray(random_embeddings(6, b, d))
+  labels = np.repeat(np.arange(b // per_class), per_class)
+  first = np.arange(0, b, per_class)
+  explicit = lambda e: mj.losses.npair_loss_from_pairs(e[first], e[first + 1])
+  loss = lambda e: mj.losses.npair_loss(e, labels)
+  np.testing.assert_allclose(jax.jit(loss)(emb), explicit(emb), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(loss)(emb), jax.grad(explicit)(emb), rtol=1e-5, atol=1e-7)
+  none = mj.losses.npair_loss(emb, labels, reduction="none")
+  assert none.shape == (b,) and np.count_nonzero(np.asarray(none)) == len(first)
+
+
 @pytest.mark.parametrize("with_labels", [False, True])
 @pytest.mark.parametrize("metric", ["dot", "euclidean"])
 def test_from_pairs_matches_tf_contrib_formula(with_labels, metric):
