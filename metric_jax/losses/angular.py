@@ -193,7 +193,9 @@ def angular_loss(embeddings: jax.Array, labels: jax.Array,
   def dense():
     if method == "tiled" or (method == "auto" and concrete and alpha > _FACTORIZED_MAX_ALPHA):
       return _tiled(s, r, pos, neg, k, c, anchor_tile)
-    ref_neg = (r_labels[:, None] != r_labels[None, :]) & r_valid[None, :]
+    # Through label_masks: labels that are constants of the program are
+    # then not folded into [M, M] masks at compile time.
+    ref_neg = pairs.label_masks(r_labels, where=r_valid).neg
     return _factorized(s, r, pos, neg, ref_neg, k, c)
 
   if max_positives is not None or method == "gathered":
