@@ -46,16 +46,17 @@ from benchmarks import common  # noqa: E402
 from benchmarks import losses as loss_bench  # noqa: E402
 
 
-def _pairwise(m_of_b, backward):
-  """Products of a [B, M] matrix with M = m_of_b(B): forward, then the
-  backward ones named in ``backward`` ("G refs", "G^T x")."""
+def _pairwise(m_of_b, backward, n_of_b=lambda b: b):
+  """Products of an [N, M] matrix, N = n_of_b(B) rows (the batch by
+  default) against M = m_of_b(B) references: forward, then the backward ones
+  named in ``backward`` ("G refs": G @ refs, "G^T x": G^T @ x)."""
   def plan(b, d):
-    m = m_of_b(b)
-    shapes = [(b, d, m)]
+    n, m = n_of_b(b), m_of_b(b)
+    shapes = [(n, d, m)]
     if "G refs" in backward:
-      shapes.append((b, m, d))
+      shapes.append((n, m, d))
     if "G^T x" in backward:
-      shapes.append((m, b, d))
+      shapes.append((m, n, d))
     return shapes
   return plan
 
@@ -73,7 +74,8 @@ PLANS = {
     "instance": _pairwise(_SELF, _BOTH),
     "supcon": _pairwise(_SELF, _BOTH),
     "ranked_list": _pairwise(_SELF, _BOTH),
-    "npair": _pairwise(_CLASSES, _BOTH),   # one pair per class: [C, C]
+    # One (anchor, positive) pair per class: a [C, C] softmax.
+    "npair": _pairwise(_CLASSES, _BOTH, n_of_b=_CLASSES),
     "normalized_softmax": _pairwise(_CLASSES, _BOTH),
     "arcface": _pairwise(_CLASSES, _BOTH),
     "cosface": _pairwise(_CLASSES, _BOTH),
