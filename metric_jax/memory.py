@@ -293,10 +293,7 @@ def with_memory(loss_fn: Callable[..., jax.Array], state: MemoryState,
     refs = new_state.embeddings
     if grad_through_batch_refs:
       refs = refs.at[slots].set(embeddings.astype(refs.dtype), mode="drop")
-    # Each row's own slot, scattered: a comparison with a column iota would
-    # let XLA recompute the slots (a cumsum) for each of the B x S entries.
-    own = jnp.zeros((b, size), bool).at[jnp.arange(b), slots].set(True, mode="drop")
-    mask = ~own
+    mask = slots[:, None] != jnp.arange(size, dtype=jnp.int32)[None, :]
     if pair_mask is not None:
       mask = mask & pair_mask
   else:
