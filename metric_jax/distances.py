@@ -409,9 +409,5 @@ def paired(x: jax.Array, y: jax.Array, metric: MetricLike = "euclidean") -> jax.
   _checks.embeddings(y, "y")
   if x.shape != y.shape:
     raise ValueError(f"`x` and `y` must have the same shape, got {x.shape} and {y.shape}.")
-  if isinstance(metric, str):
-    _checks.choice(metric, METRIC_NAMES, "metric")
-  elif not callable(metric):
-    raise TypeError(
-        f"`metric` must be one of {METRIC_NAMES} or a callable, got {type(metric).__name__}.")
+  # pairwise checks the metric (while tracing, before any pair is computed).
   return jax.vmap(lambda a, b: pairwise(a[None], b[None], metric)[0, 0])(x, y)

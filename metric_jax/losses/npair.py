@@ -157,16 +157,16 @@ def npair_loss(embeddings: jax.Array, labels: jax.Array,
     k = min(k, max_pairs)
     chosen = chosen & (jnp.cumsum(chosen) <= k)
 
-  def on_slots(k):
-    """The loss with the chosen anchors compacted into k static slots."""
-    slot = jnp.nonzero(chosen, size=k, fill_value=0)[0]          # [K]
-    slot_valid = jnp.arange(k) < jnp.sum(chosen)
+  def on_slots(n_slots):
+    """The loss with the chosen anchors compacted into n_slots static slots."""
+    slot = jnp.nonzero(chosen, size=n_slots, fill_value=0)[0]          # [K]
+    slot_valid = jnp.arange(n_slots) < jnp.sum(chosen)
     anchors = x[slot]
     positives = ref[first_pos[slot]]
     slot_labels = labels[slot]
     logits = _logits(anchors, positives, distance)                # [K, K]
     cols = slot_valid[None, :] & slot_valid[:, None]
-    cols = cols & ((slot_labels[:, None] != slot_labels[None, :]) | jnp.eye(k, dtype=bool))
+    cols = cols & ((slot_labels[:, None] != slot_labels[None, :]) | jnp.eye(n_slots, dtype=bool))
     lse, _ = reductions.masked_logsumexp(logits, cols)
     ce = lse - jnp.diagonal(logits)
     reg = 0.25 * l2_reg * (_sq_norms(anchors) + _sq_norms(positives))

@@ -302,13 +302,14 @@ def _one_triplet_per_anchor(problem, embeddings, where, ref_embeddings, ref_wher
     d_an = jnp.minimum(d_an, sign * distances_lib.paired(positives, negatives, distance))
   result = reductions.reduce(_hinge(d_ap - d_an, margin, soft), has, reduction)
   # The selection skips NaN distances of other pairs: surface them.
-  return reductions.keep_nan(result, dist, problem.masks.pos | problem.masks.neg)
+  return reductions.keep_nan(result, dist, pos | neg)
 
 
 def _mined_loss(problem, ref_embeddings, ref_where, distance, margin, mining,
                 semihard, band_select, soft, swap, reduction, anchor_tile,
                 max_positives):
-  """The body of :func:`triplet_margin_loss` after validation."""
+  """The body of :func:`triplet_margin_loss` after validation, for the
+  batch-all and semi-hard minings (hard and easy: _one_triplet_per_anchor)."""
   dist = -problem.matrix if problem.is_similarity else problem.matrix
   pos, neg = problem.masks.pos, problem.masks.neg
   ref_dist = None
