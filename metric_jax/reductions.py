@@ -20,13 +20,15 @@ drop empty rows instead of letting ``inf`` reach a gradient.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
 from metric_jax import _checks
 
-__all__ = ["REDUCTIONS", "check", "keep_nan", "masked_logsumexp", "masked_max", "masked_min",
-           "per_anchor_mean", "reduce", "reduce_parts"]
+__all__ = ["REDUCTIONS", "check", "fused_sums", "keep_nan", "fused_maxima", "masked_logsumexp",
+           "masked_logsumexps", "masked_max", "masked_min", "per_anchor_mean", "reduce", "reduce_parts"]
 
 REDUCTIONS = ("mean", "mean_nonzero", "sum", "none")
 """The ``reduction=`` values every loss accepts (see the module docstring)."""
@@ -62,6 +64,117 @@ def _valid(terms: jax.Array, mask: jax.Array | None) -> jax.Array:
   return jnp.broadcast_to(mask, terms.shape)
 
 
+FUSE_MIN_SIZE = 1 << 20
+"""Operands of :func:`fused_sums` with fewer entries are summed one by one:
+they stay in cache, where XLA:CPU's vectorised single sums are faster than one
+variadic pass (measured: contrastive loss at B = 512, 1.3 vs 1.6 ms)."""
+
+
+def _add_all(left, right):
+  return tuple(a + b for a, b in zip(left, right))
+
+
+def _variadic_sum(arrays, axes):
+  zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
+  return list(jax.lax.reduce(tuple(arrays), zeros, _add_all, axes))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _fused_sums(arrays, axis):
+  ndim = arrays[0].ndim
+  axes = tuple(range(ndim)) if axis is None else (axis % ndim,)
+  if axis is None and ndim > 1:
+    # Rows first, then the rest: the row pass splits across cores.
+    return _variadic_sum(_variadic_sum(arrays, (ndim - 1,)), tuple(range(ndim - 1)))
+  return _variadic_sum(arrays, axes)
+
+
+@_fused_sums.defjvp
+def _fused_sums_jvp(axis, primals, tangents):
+  (arrays,), (tangent_arrays,) = primals, tangents
+  # The sum is linear: plain sums of the tangents, which reverse mode
+  # transposes into broadcasts (no reduction is ever run on them).
+  return (_fused_sums(arrays, axis),
+          [jnp.sum(t, axis=axis) for t in tangent_arrays])
+
+
+def fused_sums(arrays, axis: int | None = None) -> list[jax.Array]:
+  """Sums of several arrays of one shape, all in one pass over them.
+
+  ``fused_sums([a_1, ..., a_n], axis)[k] == jnp.sum(a_k, axis)``: one
+  variadic reduction reads every operand once. XLA:CPU otherwise runs each
+  ``jnp.sum`` of a [B, M] expression as a separate kernel over a
+  materialised copy of its input (a pass and a [B, M] buffer per sum); here
+  the elementwise expressions that produce the operands fuse into the single
+  reduction. Operands smaller than :data:`FUSE_MIN_SIZE` entries, which
+  stay in cache, are summed one by one instead. Differentiable (the tangent of a sum is the sum of the
+  tangents), jit/vmap-compatible.
+
+  Args:
+    arrays: non-empty sequence of float arrays of one shape and dtype.
+    axis: the axis to sum over, or None (default) for all axes.
+
+  Returns:
+    List of the sums, one per array, with ``axis`` removed (scalars for
+    ``axis=None``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.array([[1., 2.], [3., 4.]])
+    >>> [s.tolist() for s in fused_sums([a, 2 * a], axis=-1)]
+    [[3.0, 7.0], [6.0, 14.0]]
+    >>> [s.item() for s in fused_sums([a, a > 2])]
+    [10.0, 2.0]
+  """
+  arrays = [jnp.asarray(a) for a in arrays]
+  if not arrays:
+    raise ValueError("fused_sums: arrays must be a non-empty sequence, got an empty one")
+  dtype = jnp.result_type(*arrays)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  shape = arrays[0].shape
+  if any(a.shape != shape for a in arrays):
+    raise ValueError("fused_sums: arrays must share one shape, got "
+                     f"{[tuple(a.shape) for a in arrays]}")
+  arrays = [a.astype(dtype) for a in arrays]
+  if not shape:
+    return arrays
+  if len(arrays) == 1 or arrays[0].size < FUSE_MIN_SIZE:
+    return [jnp.sum(a, axis=axis) for a in arrays]
+  return _fused_sums(arrays, axis)
+
+
+def fused_maxima(arrays, axis: int | None = None) -> list[jax.Array]:
+  """Maxima of several arrays of one shape, in one pass over them (NaN
+  propagates), for the selection steps of losses: not differentiable (use it
+  under ``stop_gradient`` or on values that need no gradient).
+
+  ``fused_maxima([a_1, ..., a_n], axis)[k] == jnp.max(a_k, axis)``; see
+  :func:`fused_sums` for why one pass matters on XLA:CPU.
+
+  Args:
+    arrays: non-empty sequence of float arrays of one shape and dtype.
+    axis: the axis to reduce, or None (default) for all axes.
+
+  Returns:
+    List of the maxima, one per array, with ``axis`` removed.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.array([[1., 5.], [3., 4.]])
+    >>> [m.tolist() for m in fused_maxima([a, -a], axis=0)]
+    [[3.0, 5.0], [-1.0, -4.0]]
+  """
+  arrays = [jax.lax.stop_gradient(jnp.asarray(a)) for a in arrays]
+  if len(arrays) == 1 or arrays[0].size < FUSE_MIN_SIZE:
+    return [jnp.max(a, axis=axis) for a in arrays]
+  ndim = arrays[0].ndim
+  axes = tuple(range(ndim)) if axis is None else (axis % ndim,)
+  lows = tuple(jnp.array(-jnp.inf, a.dtype) for a in arrays)
+  return list(jax.lax.reduce(tuple(arrays), lows,
+                             lambda l, r: tuple(jnp.maximum(a, b) for a, b in zip(l, r)), axes))
+
+
 def reduce(terms: jax.Array, mask: jax.Array | None = None,
            reduction: str = "mean") -> jax.Array:
   """Reduces loss terms over the entries where ``mask`` is True.
@@ -90,22 +203,7 @@ def reduce(terms: jax.Array, mask: jax.Array | None = None,
     >>> reduce(t, m, "none").tolist()
     [0.0, 2.0, 4.0, 0.0]
   """
-  check(reduction)
-  terms = terms.astype(jnp.float32)
-  valid = _valid(terms, mask)
-  masked = jnp.where(valid, terms, 0.0)
-  if reduction == "none":
-    return masked
-  total = jnp.sum(masked)
-  if reduction == "sum":
-    return total
-  # Counted in float32: XLA:CPU reduces floats several times faster than
-  # integers, and float32 counts are exact up to 2^24 terms.
-  if reduction == "mean":
-    count = jnp.sum(valid, dtype=jnp.float32)
-  else:  # mean_nonzero
-    count = jnp.sum(valid & (terms > 0), dtype=jnp.float32)
-  return total / jnp.maximum(count, 1.0)
+  return reduce_parts([(terms, mask)], reduction)
 
 
 def keep_nan(result: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -157,7 +255,37 @@ def reduce_parts(parts, reduction: str) -> jax.Array:
     >>> reduce_parts([pos, neg], "mean").item()
     4.0
   """
-  return sum(reduce(t, m, reduction) for t, m in parts)
+  check(reduction)
+  summands, finish = [], []
+  for terms, mask in parts:
+    terms = terms.astype(jnp.float32)
+    valid = _valid(terms, mask)
+    masked = jnp.where(valid, terms, 0.0)
+    if reduction == "none":
+      finish.append(masked)
+      continue
+    summands.append(masked)
+    # Counted in float32: exact up to 2^24 terms, and reduced in the same
+    # pass as the totals.
+    if reduction == "mean":
+      summands.append(valid.astype(jnp.float32))
+    elif reduction == "mean_nonzero":
+      summands.append((valid & (terms > 0)).astype(jnp.float32))
+  if reduction == "none":
+    return sum(finish)
+  # One pass over the terms for every total and count (see fused_sums),
+  # grouped by shape.
+  by_shape = {}
+  for k, summand in enumerate(summands):
+    by_shape.setdefault(summand.shape, []).append(k)
+  sums = [None] * len(summands)
+  for indices in by_shape.values():
+    for k, value in zip(indices, fused_sums([summands[k] for k in indices])):
+      sums[k] = value
+  if reduction == "sum":
+    return sum(sums)
+  return sum(total / jnp.maximum(count, 1.0)
+             for total, count in zip(sums[::2], sums[1::2]))
 
 
 def per_anchor_mean(terms: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -179,8 +307,8 @@ def per_anchor_mean(terms: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.A
     ([2.0, 0.0], [True, False])
   """
   terms = terms.astype(jnp.float32)
-  count = jnp.sum(mask, axis=-1, dtype=jnp.float32)
-  total = jnp.sum(jnp.where(mask, terms, 0.0), axis=-1)
+  total, count = fused_sums([jnp.where(mask, terms, 0.0), mask.astype(jnp.float32)],
+                            axis=-1)
   return total / jnp.maximum(count, 1.0), count > 0
 
 
@@ -220,22 +348,68 @@ def masked_logsumexp(x: jax.Array, mask: jax.Array, axis: int = -1,
     >>> [round(v, 4) for v in masked_logsumexp(x, mask, include_zero=True)[0].tolist()]
     [1.0986, 0.0]
   """
-  x = x.astype(jnp.float32)
-  nonempty = jnp.any(mask, axis=axis)
-  shift = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, keepdims=True)
-  if include_zero:
-    shift = jnp.maximum(shift, 0.0)
-  shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
-  total = jnp.sum(jnp.where(mask, jnp.exp(jnp.where(mask, x - shift, 0.0)), 0.0),
-                  axis=axis, keepdims=True)
-  if include_zero:
-    total = total + jnp.exp(-shift)
-  # Empty sets (total 0) get log(1) = 0; NaN inputs stay NaN.
-  safe_total = jnp.where((total > 0) | jnp.isnan(total), total, 1.0)
-  lse = jnp.squeeze(jnp.log(safe_total) + shift, axis=axis)
-  if include_zero:
-    return lse, nonempty
-  return jnp.where(nonempty, lse, 0.0), nonempty
+  (lse,), (nonempty,) = masked_logsumexps(x, [mask], axis, include_zero)
+  return lse, nonempty
+
+
+def masked_logsumexps(x, masks, axis: int = -1,
+                      include_zero: bool = False) -> tuple[list, list]:
+  """Several :func:`masked_logsumexp` of one shape, in two passes.
+
+  ``masked_logsumexps(x, [m_1, ..., m_n])`` equals
+  ``[masked_logsumexp(x_k, m_k) for k]`` (lists of the ``lse`` and of the
+  ``nonempty`` results), where ``x_k`` is ``x`` itself or its k-th entry
+  when ``x`` is a sequence: the shifts and ``nonempty`` flags of every set
+  come from one pass (:func:`fused_maxima`) and the sums of exponentials
+  from a second one (:func:`fused_sums`), instead of three passes per set.
+
+  Args:
+    x: float array, any shape, shared by every mask; or a sequence of such
+      arrays, one per mask.
+    masks: sequence of bool arrays of the shape of ``x``.
+    axis: reduction axis; default -1.
+    include_zero: as in :func:`masked_logsumexp`.
+
+  Returns:
+    ``(lses, nonempties)``: two lists, one entry per mask.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0., 0., 5.]])
+    >>> lses, nonempty = masked_logsumexps(x, [x < 1, x > 1])
+    >>> [round(v.item(), 4) for v in lses], [v.tolist() for v in nonempty]
+    ([0.6931, 5.0], [[True], [True]])
+  """
+  masks = list(masks)
+  xs = list(x) if isinstance(x, (list, tuple)) else [x] * len(masks)
+  if len(xs) != len(masks):
+    raise ValueError(f"masked_logsumexps: x must hold one array per mask ({len(masks)}), "
+                     f"got {len(xs)}")
+  xs = [jnp.asarray(v).astype(jnp.float32) for v in xs]
+  masks = [jnp.broadcast_to(m, v.shape) for v, m in zip(xs, masks)]
+  # Pass 1: every set's maximum and whether it selects anything.
+  extrema = fused_maxima([jnp.where(m, v, -jnp.inf) for v, m in zip(xs, masks)]
+                         + [m.astype(jnp.float32) for m in masks], axis=axis)
+  shifts, nonempties = extrema[:len(masks)], [e > 0 for e in extrema[len(masks):]]
+  shifted = []
+  for x, shift, mask in zip(xs, shifts, masks):
+    shift = jnp.expand_dims(shift, axis)
+    if include_zero:
+      shift = jnp.maximum(shift, 0.0)
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
+    shifted.append((shift, jnp.where(mask, jnp.exp(jnp.where(mask, x - shift, 0.0)), 0.0)))
+  # Pass 2: the sums of exponentials.
+  totals = fused_sums([e for _, e in shifted], axis=axis)
+  lses = []
+  for (shift, _), total, nonempty in zip(shifted, totals, nonempties):
+    shift = jnp.squeeze(shift, axis)
+    if include_zero:
+      total = total + jnp.exp(-shift)
+    # Empty sets (total 0) get log(1) = 0; NaN inputs stay NaN.
+    safe_total = jnp.where((total > 0) | jnp.isnan(total), total, 1.0)
+    lse = jnp.log(safe_total) + shift
+    lses.append(lse if include_zero else jnp.where(nonempty, lse, 0.0))
+  return lses, nonempties
 
 
 def masked_max(x: jax.Array, mask: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:

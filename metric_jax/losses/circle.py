@@ -86,10 +86,10 @@ def circle_loss(embeddings: jax.Array, labels: jax.Array,
   s_const = jax.lax.stop_gradient(s)
   pos_logits = -gamma * jax.nn.relu(1.0 + m - s_const) * (s - (1.0 - m))
   neg_logits = gamma * jax.nn.relu(s_const + m) * (s - m)
-  lse_p, has_p = reductions.masked_logsumexp(pos_logits, masks.pos)
-  lse_n, has_n = reductions.masked_logsumexp(neg_logits, masks.neg)
+  (lse_p, lse_n), (has_p, has_n) = reductions.masked_logsumexps(
+      [pos_logits, neg_logits], [masks.pos, masks.neg])
   valid = has_p & has_n & masks.row_valid
   terms = jnp.where(valid, jax.nn.softplus(lse_p + lse_n), 0.0)
-  # masked_logsumexp drops NaN sums: keep NaN inputs visible.
-  return reductions.keep_nan(reductions.reduce(terms, valid, reduction), s,
-                              masks.pos | masks.neg)
+  # A NaN similarity under either mask makes its row's log-sum-exp NaN; keep
+  # it visible also where the row is dropped.
+  return reductions.keep_nan(reductions.reduce(terms, valid, reduction), lse_p + lse_n, True)

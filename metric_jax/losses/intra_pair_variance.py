@@ -70,9 +70,12 @@ def intra_pair_variance_loss(embeddings: jax.Array, labels: jax.Array,
                           pair_mask=pair_mask,
                           symmetric=reduction != "none")
   mat, masks = problem.matrix, problem.masks
-  mu_p, _ = reductions.per_anchor_mean(mat.reshape(1, -1), masks.pos.reshape(1, -1))
-  mu_n, _ = reductions.per_anchor_mean(mat.reshape(1, -1), masks.neg.reshape(1, -1))
-  mu_p, mu_n = mu_p[0], mu_n[0]
+  # The two means in one pass over the matrix.
+  sum_p, count_p, sum_n, count_n = reductions.fused_sums(
+      [jnp.where(masks.pos, mat, 0.0), masks.pos.astype(jnp.float32),
+       jnp.where(masks.neg, mat, 0.0), masks.neg.astype(jnp.float32)])
+  mu_p = sum_p / jnp.maximum(count_p, 1.0)
+  mu_n = sum_n / jnp.maximum(count_n, 1.0)
   if problem.is_similarity:
     pos_terms = jnp.square(jax.nn.relu((1.0 - pos_eps) * mu_p - mat))
     neg_terms = jnp.square(jax.nn.relu(mat - (1.0 + neg_eps) * mu_n))

@@ -78,9 +78,9 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array,
   mat, masks = problem.matrix, problem.masks
   # PML's ``distance.margin``: similarities pull up positives, distances down.
   shift = (base - mat) if problem.is_similarity else (mat - base)
-  pos_lse, _ = reductions.masked_logsumexp(alpha * shift, masks.pos, include_zero=True)
-  neg_lse, _ = reductions.masked_logsumexp(-beta * shift, masks.neg, include_zero=True)
+  (pos_lse, neg_lse), _ = reductions.masked_logsumexps(
+      [alpha * shift, -beta * shift], [masks.pos, masks.neg], include_zero=True)
   terms = pos_lse / alpha + neg_lse / beta
-  # masked_logsumexp drops NaN sums: keep NaN inputs visible.
-  return reductions.keep_nan(reductions.reduce(terms, masks.row_valid, reduction), mat,
-                              masks.pos | masks.neg)
+  # A NaN entry under either mask makes its row's terms NaN; keep it visible
+  # also where the row is not valid.
+  return reductions.keep_nan(reductions.reduce(terms, masks.row_valid, reduction), terms, True)

@@ -70,8 +70,8 @@ def nca_loss(embeddings: jax.Array, labels: jax.Array,
                           pair_mask=pair_mask)
   mat, masks = problem.matrix, problem.masks
   z = softmax_scale * (mat if problem.is_similarity else -mat)
-  lse_all, _ = reductions.masked_logsumexp(z, masks.pos | masks.neg)
-  lse_pos, has_p = reductions.masked_logsumexp(z, masks.pos)
+  (lse_all, lse_pos), (_, has_p) = reductions.masked_logsumexps(
+      z, [masks.pos | masks.neg, masks.pos])
   terms = jnp.where(has_p, lse_all - lse_pos, 0.0)
   # A NaN entry makes its row's lse_all NaN; keep it visible in the loss
   # even when that row has no positive.

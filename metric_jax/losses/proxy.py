@@ -245,10 +245,8 @@ def proxy_anchor_loss(embeddings: jax.Array, labels: jax.Array,
   target = _cls._one_hot(_cls._masked_labels(labels, where), num_classes)
   pos_mask = target & valid[:, None]
   neg_mask = ~target & valid[:, None]
-  pos_term, has_pos = reductions.masked_logsumexp(alpha * pos_exp, pos_mask, axis=0,
-                                                  include_zero=True)
-  neg_term, _ = reductions.masked_logsumexp(alpha * neg_exp, neg_mask, axis=0,
-                                            include_zero=True)
+  (pos_term, neg_term), (has_pos, _) = reductions.masked_logsumexps(
+      [alpha * pos_exp, alpha * neg_exp], [pos_mask, neg_mask], axis=0, include_zero=True)
   if reduction == "none":
     out = pos_term + neg_term
   elif reduction == "sum":

@@ -16,22 +16,34 @@ from metric_jax import reductions
 _PML_EPS = 1e-5
 
 
-def _weighted_mean(x, logw, active, compat, n_cols):
-  """sum_active w x / sum_active w per row, with w = exp(logw); 0 if empty.
+def _weighted_means(sets, compat, n_cols):
+  """For each ``(x, logw, active)`` of ``sets``: sum_active w x / sum_active w
+  per row, with w = exp(logw); 0 if empty. All sets share one pass for their
+  maxima and one for their sums.
 
   Exact form: weights shifted by their (stop-gradient) row maximum, which
   leaves the ratio and its gradient unchanged. ``compat``: PML's unshifted
   weights plus ``1e-5`` per reference column in the denominator."""
   if compat:
-    w = jnp.where(active, jnp.exp(jnp.where(active, logw, 0.0)), 0.0)
-    den = jnp.sum(w, axis=1) + _PML_EPS * n_cols
-    return jnp.sum(w * x, axis=1) / den
-  shift, _ = reductions.masked_max(logw, active)
-  shift = jax.lax.stop_gradient(shift)
-  w = jnp.where(active, jnp.exp(jnp.where(active, logw - shift[:, None], 0.0)), 0.0)
-  den = jnp.sum(w, axis=1)
-  empty = den <= 0                       # written so that NaN stays visible
-  return jnp.where(empty, 0.0, jnp.sum(w * x, axis=1) / jnp.where(empty, 1.0, den))
+    shifts = [0.0] * len(sets)
+  else:
+    # Masked row maxima; empty rows (-inf) get 0, NaN stays NaN.
+    shifts = reductions.fused_maxima(
+        [jnp.where(active, logw, -jnp.inf) for _, logw, active in sets], axis=1)
+    shifts = [jnp.where(s == -jnp.inf, 0.0, s)[:, None] for s in shifts]
+  summands = []
+  for (x, logw, active), shift in zip(sets, shifts):
+    w = jnp.where(active, jnp.exp(jnp.where(active, logw - shift, 0.0)), 0.0)
+    summands += [w, w * x]
+  sums = reductions.fused_sums(summands, axis=1)
+  means = []
+  for den, num in zip(sums[::2], sums[1::2]):
+    if compat:
+      means.append(num / (den + _PML_EPS * n_cols))
+    else:
+      empty = den <= 0                   # written so that NaN stays visible
+      means.append(jnp.where(empty, 0.0, num / jnp.where(empty, 1.0, den)))
+  return means
 
 
 def ranked_list_loss(embeddings: jax.Array, labels: jax.Array,
@@ -130,7 +142,8 @@ def ranked_list_loss(embeddings: jax.Array, labels: jax.Array,
     act_p = act_p & ~(d <= 0)
     act_n = act_n & ~(d <= 0)
   n_cols = jnp.sum(masks.col_valid).astype(jnp.float32)
-  loss_p = _weighted_mean(d - pos_bound, Tp * (d - pos_bound), act_p, pml_compat, n_cols)
-  loss_n = _weighted_mean(alpha - d, Tn * (alpha - d), act_n, pml_compat, n_cols)
+  loss_p, loss_n = _weighted_means(
+      [(d - pos_bound, Tp * (d - pos_bound), act_p), (alpha - d, Tn * (alpha - d), act_n)],
+      pml_compat, n_cols)
   terms = (1.0 - imbalance) * loss_p + imbalance * loss_n
   return reductions.reduce(terms, masks.row_valid, reduction)
