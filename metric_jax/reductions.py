@@ -70,6 +70,16 @@ they stay in cache, where XLA:CPU's vectorised single sums are faster than one
 variadic pass (measured: contrastive loss at B = 512, 1.3 vs 1.6 ms)."""
 
 
+def _fuses(arrays, axis) -> bool:
+  """Whether one variadic pass pays off: several large operands reduced along
+  their last axis or all axes. XLA:CPU runs a variadic reduction along any
+  other axis element by element, slower than separate vectorised sums
+  (measured: proxy anchor's column sums at 2048 x 512, 12.1 vs 6.2 ms)."""
+  ndim = arrays[0].ndim
+  along_rows = axis is None or axis % ndim == ndim - 1
+  return len(arrays) > 1 and arrays[0].size >= FUSE_MIN_SIZE and along_rows
+
+
 def _add_all(left, right):
   return tuple(a + b for a, b in zip(left, right))
 
@@ -107,7 +117,8 @@ def fused_sums(arrays, axis: int | None = None) -> list[jax.Array]:
   materialised copy of its input (a pass and a [B, M] buffer per sum); here
   the elementwise expressions that produce the operands fuse into the single
   reduction. Operands smaller than :data:`FUSE_MIN_SIZE` entries, which
-  stay in cache, are summed one by one instead. Differentiable (the tangent of a sum is the sum of the
+  stay in cache, and reductions along an axis other than the last are
+  summed one by one instead. Differentiable (the tangent of a sum is the sum of the
   tangents), jit/vmap-compatible.
 
   Args:
@@ -139,7 +150,7 @@ def fused_sums(arrays, axis: int | None = None) -> list[jax.Array]:
   arrays = [a.astype(dtype) for a in arrays]
   if not shape:
     return arrays
-  if len(arrays) == 1 or arrays[0].size < FUSE_MIN_SIZE:
+  if not _fuses(arrays, axis):
     return [jnp.sum(a, axis=axis) for a in arrays]
   return _fused_sums(arrays, axis)
 
@@ -166,7 +177,7 @@ def fused_maxima(arrays, axis: int | None = None) -> list[jax.Array]:
     [[3.0, 5.0], [-1.0, -4.0]]
   """
   arrays = [jax.lax.stop_gradient(jnp.asarray(a)) for a in arrays]
-  if len(arrays) == 1 or arrays[0].size < FUSE_MIN_SIZE:
+  if not _fuses(arrays, axis):
     return [jnp.max(a, axis=axis) for a in arrays]
   ndim = arrays[0].ndim
   axes = tuple(range(ndim)) if axis is None else (axis % ndim,)

@@ -100,6 +100,20 @@ def test_fused_sums_small_operands_take_plain_sums():
   assert hlo.count("stablehlo.reduce") == 2
 
 
+@pytest.mark.parametrize("axis,want", [(-1, 1), (1, 1), (None, 2), (0, 3)])
+def test_fused_sums_fuse_along_rows_only(fused, axis, want):
+  # Rows (or all axes: rows, then the rest) in one variadic pass; column
+  # reductions stay separate sums, which XLA:CPU vectorises.
+  del fused
+  a, b, c = _arrays()
+  hlo = jax.jit(lambda a, b, c: reductions.fused_sums([a, b, c], axis=axis)
+                ).lower(a, b, c).as_text()
+  assert hlo.count("stablehlo.reduce") == want
+  hlo = jax.jit(lambda a, b, c: reductions.fused_maxima([a, b, c], axis=axis)
+                ).lower(a, b, c).as_text()
+  assert hlo.count("stablehlo.reduce") == (3 if axis == 0 else 1)
+
+
 def test_fused_sums_bad_input():
   with pytest.raises(ValueError, match="arrays"):
     reductions.fused_sums([])
