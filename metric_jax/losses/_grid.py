@@ -21,12 +21,20 @@ import jax
 import jax.numpy as jnp
 
 
+def positive_counts(pos: jax.Array) -> jax.Array:
+  """[B] float32 number of positives of each row of the [B, M] bool ``pos``
+  (exact up to 2^24 columns; XLA:CPU runs integer reductions as separate,
+  much slower passes)."""
+  return jnp.sum(pos, axis=1, dtype=jnp.float32)
+
+
 def first_positive_columns(pos: jax.Array, p: int) -> tuple[jax.Array, jax.Array]:
   """The lowest ``p`` positive columns of each row.
 
   Found by ``p`` masked max-reductions (``top_k``, ``argsort``, ``cumsum``
-  and ``argmax`` are much slower on CPU): slot k holds the first positive
-  column after slot k - 1.
+  and ``argmax`` are much slower on CPU), in float32 (column numbers are
+  exact below 2^24; integer reductions are slower on CPU): slot k holds the
+  first positive column after slot k - 1.
 
   Args:
     pos: [B, M] bool positive mask.
@@ -40,13 +48,13 @@ def first_positive_columns(pos: jax.Array, p: int) -> tuple[jax.Array, jax.Array
   b, m = pos.shape
   if p == 0:
     return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
-  cols = jnp.arange(m, dtype=jnp.int32)[None, :]
-  slots, last = [], jnp.full((b, 1), -1, jnp.int32)
+  cols = jnp.arange(m, dtype=jnp.float32)[None, :]
+  slots, last = [], jnp.full((b, 1), -1.0, jnp.float32)
   for _ in range(p):
-    last = -jnp.max(jnp.where(pos & (cols > last), -cols, -m), axis=1, keepdims=True)
+    last = -jnp.max(jnp.where(pos & (cols > last), -cols, -float(m)), axis=1, keepdims=True)
     slots.append(jnp.minimum(last, m - 1))
-  index = jnp.concatenate(slots, axis=1)
-  valid = jnp.sum(pos, axis=1, dtype=jnp.int32)[:, None] > jnp.arange(p)[None, :]
+  index = jnp.concatenate(slots, axis=1).astype(jnp.int32)
+  valid = positive_counts(pos)[:, None] > jnp.arange(p, dtype=jnp.float32)[None, :]
   return index, valid
 
 
@@ -67,7 +75,7 @@ def smallest_fitting_grid(sizes: Sequence[int], m: int, most: jax.Array,
   Args:
     sizes: static grid sizes, e.g. ``(4, 8, 16)``.
     m: number of reference columns M (static).
-    most: scalar int, the largest number of positives of any anchor.
+    most: scalar, the largest number of positives of any anchor.
     grid: ``grid(p) -> result`` on a [B, p, M] grid.
     fallback: ``fallback() -> result`` for anchors with more positives.
 

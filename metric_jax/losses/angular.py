@@ -76,7 +76,7 @@ def _gathered(s, r, pos, neg, k, c, p):
                                        include_zero=True)
   lse = jnp.where(p_valid, lse, 0.0)
   terms = jnp.zeros((b, m), lse.dtype).at[jnp.arange(b)[:, None], p_idx].add(lse)
-  overflow = jnp.sum(pos, axis=1) > p
+  overflow = _grid.positive_counts(pos) > p
   return jnp.where(overflow[:, None], jnp.nan, terms)
 
 
@@ -206,7 +206,7 @@ def angular_loss(embeddings: jax.Array, labels: jax.Array,
     # The smallest positive-slot grid that holds every anchor's positives
     # (a runtime branch over static shapes), else the dense evaluation.
     terms = _grid.smallest_fitting_grid(
-        _GATHER_SIZES, s.shape[1], jnp.max(jnp.sum(pos, axis=1)),
+        _GATHER_SIZES, s.shape[1], jnp.max(_grid.positive_counts(pos)),
         lambda p: _gathered(s, r, pos, neg, k, c, p), dense)
   # masked_logsumexp drops NaN sums: keep NaN inputs visible.
   return reductions.keep_nan(reductions.reduce(terms, masks.pos, reduction), s,

@@ -163,7 +163,7 @@ def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
     d_an = jnp.minimum(d_an, ref_dist[p_idx])                    # d_pn: [B, P, M]
   terms = _hinge(d_ap - d_an, margin, soft)
   result = reductions.reduce(terms, mask, reduction)
-  overflow = jnp.any(jnp.sum(pos, axis=1) > p)
+  overflow = jnp.any(_grid.positive_counts(pos) > p)
   return jnp.where(overflow, jnp.nan, result)
 
 
@@ -360,4 +360,4 @@ def _mined_loss(problem, ref_embeddings, ref_where, distance, margin, mining,
   if not _FAST_POSITIVES:
     return fallback()
   return _grid.smallest_fitting_grid(_FAST_POSITIVES, dist.shape[1],
-                                     jnp.max(jnp.sum(pos, axis=1)), gathered, fallback)
+                                     jnp.max(_grid.positive_counts(pos)), gathered, fallback)
