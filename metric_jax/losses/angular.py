@@ -12,7 +12,8 @@ exact evaluations avoid materialising the cube:
 
 * ``"gathered"``: each anchor's positives are gathered into ``P`` slots
   (``P`` = 4 or 16, or ``max_positives``), then a masked log-sum-exp over a
-  [B, P, M] grid: O(B P M), the fast path for PK batches.
+  [B, P, M] grid: O(B P M), the fast path for PK batches; large grids are
+  evaluated in tiles of anchors (small buffers: faster on CPU).
 * ``"factorized"``: ``sum_n e^{f_apn} = e^{-c S_ap} sum_n e^{k S_an} e^{k R_pn}``
   (``k = 4 tan^2 alpha``, ``c = 2 (1 + tan^2 alpha)``, ``S`` anchor-reference
   and ``R`` reference-reference cosines) is one [B, M] x [M, M] matrix
@@ -48,6 +49,11 @@ _GATHER_SIZES = (4, 16)
 _FACTORIZED_MAX_ALPHA = math.radians(60.0)
 # Budget for one tile of the streamed path, in [t, M, M] elements.
 _TILE_ELEMENTS = 1 << 22
+# Largest [B, p, M] positive-slot grid evaluated in one piece (2 MiB per
+# float32 buffer); larger grids go in tiles of anchors. XLA:CPU sizes one
+# scratch buffer for all branches of the grid choice, and past 32 MiB glibc
+# maps it afresh on every call (page faults on every buffer touched).
+_GRID_ELEMENTS = 1 << 19
 
 
 def _factorized(s, r, pos, neg, ref_neg, k, c):
@@ -64,17 +70,37 @@ def _factorized(s, r, pos, neg, ref_neg, k, c):
   return jnp.where(ok, jax.nn.softplus(x), 0.0)
 
 
+def _slot_lse(s, r_rows, s_ap, slot_valid, neg, k, c):
+  """[b, p] ``log(1 + sum_n exp(f_apn))`` over each anchor's negatives for
+  the anchors' positive slots: ``s`` [b, M] anchor cosines, ``r_rows``
+  [b, p, M] cosines of the slots' positives, ``s_ap`` [b, p]."""
+  logits = k * (s[:, None, :] + r_rows) - c * s_ap[:, :, None]         # [b, p, M]
+  lse, _ = reductions.masked_logsumexp(logits, slot_valid[:, :, None] & neg[:, None, :],
+                                       include_zero=True)
+  return jnp.where(slot_valid, lse, 0.0)
+
+
 def _gathered(s, r, pos, neg, k, c, p):
   """[B, M] per-pair terms from each anchor's first ``p`` positives: an exact
   masked log-sum-exp over a [B, p, M] (positive x negative) grid. Anchors
-  with more than ``p`` positives get NaN terms (never a silent truncation)."""
+  with more than ``p`` positives get NaN terms (never a silent truncation).
+
+  A grid over :data:`_GRID_ELEMENTS` entries is evaluated in tiles of
+  anchors, recomputed in the backward pass, so that its buffers stay small."""
   b, m = s.shape
   p_idx, p_valid = _grid.first_positive_columns(pos, min(p, m))          # [B, p]
   s_ap = jnp.take_along_axis(s, p_idx, axis=1)                           # [B, p]
-  logits = k * (s[:, None, :] + r[p_idx]) - c * s_ap[:, :, None]         # [B, p, M]
-  lse, _ = reductions.masked_logsumexp(logits, p_valid[:, :, None] & neg[:, None, :],
-                                       include_zero=True)
-  lse = jnp.where(p_valid, lse, 0.0)
+  p = p_idx.shape[1]
+  if b * p * m <= _GRID_ELEMENTS:
+    lse = _slot_lse(s, r[p_idx], s_ap, p_valid, neg, k, c)
+  else:
+    tile = max(1, _GRID_ELEMENTS // (p * m))
+    @jax.checkpoint
+    def anchor(args):   # one anchor; lax.map vmaps it over a tile
+      s_a, idx_a, s_ap_a, valid_a, neg_a = (v[None] for v in args)
+      return _slot_lse(s_a, r[idx_a], s_ap_a, valid_a, neg_a, k, c)[0]
+
+    lse = jax.lax.map(anchor, (s, p_idx, s_ap, p_valid, neg), batch_size=tile)
   terms = jnp.zeros((b, m), lse.dtype).at[jnp.arange(b)[:, None], p_idx].add(lse)
   overflow = _grid.positive_counts(pos) > p
   return jnp.where(overflow[:, None], jnp.nan, terms)

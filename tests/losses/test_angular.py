@@ -99,6 +99,32 @@ def test_auto_dispatch_on_the_number_of_positives():
     np.testing.assert_allclose(fn(emb, labels), angular_np(emb, labels), rtol=1e-5)
 
 
+@pytest.mark.parametrize("budget", [1, 600, 2400])
+def test_tiled_grid_equals_one_piece(monkeypatch, budget):
+  # Grids above the budget go in tiles of anchors (1, 3 or 12 anchors per
+  # tile here: one tile size does not divide B = 14); the 16-slot grid and
+  # reference sets and masks included.
+  from metric_jax.losses import angular  # pylint: disable=import-outside-toplevel
+  emb = jnp.asarray(random_embeddings(8, 14, 5))
+  ref = jnp.asarray(random_embeddings(9, 6, 5))
+  labels = jnp.asarray(np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4, 0, 1]))
+  ref_labels = jnp.asarray(np.array([0, 1, 1, 2, 5, 0]))
+  where = jnp.asarray(np.arange(14) != 3)
+  cases = [(lambda e: mj.losses.angular_loss(e, labels, where=where), {}),
+           (lambda e: mj.losses.angular_loss(e, labels, max_positives=16), {}),
+           (lambda e: mj.losses.angular_loss(e, labels, ref, ref_labels,
+                                             reduction="sum"), {})]
+  untiled = [jax.value_and_grad(f)(emb) for f, _ in cases]
+  monkeypatch.setattr(angular, "_GRID_ELEMENTS", budget)
+  for (f, _), (value, grad) in zip(cases, untiled):
+    got_value, got_grad = jax.jit(jax.value_and_grad(f))(emb)
+    np.testing.assert_allclose(got_value, value, rtol=1e-5)
+    np.testing.assert_allclose(got_grad, grad, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      mj.losses.angular_loss(emb, labels, where=where),
+      angular_np(np.asarray(emb), np.asarray(labels), where=np.asarray(where)), rtol=1e-5)
+
+
 def test_max_positives_overflow_is_nan_not_truncated():
   emb = random_embeddings(7, 12, 5)
   labels = label_layouts()["m_per_class"]                  # 2 positives per anchor
