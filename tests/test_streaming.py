@@ -84,6 +84,9 @@ CASES = {
                          {"temperature": 2.0, "distance": "euclidean",
                           "reduction": "mean_nonzero"}, SELF),
     "supcon": (st.streaming_supcon_loss, L.supcon_loss, {"temperature": 0.5}, SELF),
+    "nca": (st.streaming_nca_loss, L.nca_loss, {"softmax_scale": 0.5}, BOTH),
+    "nca_cosine_none": (st.streaming_nca_loss, L.nca_loss,
+                        {"distance": "cosine", "softmax_scale": 4.0, "reduction": "none"}, SELF),
     "npair": (st.streaming_npair_loss, L.npair_loss, {}, SELF),
     "npair_all_cosine": (st.streaming_npair_loss, L.npair_loss,
                          {"pairs_per_class": "all", "distance": "cosine", "l2_reg": 0.0,
@@ -257,7 +260,7 @@ def test_ids_exclude_self_pairs_in_a_reference_copy():
   x = jnp.asarray(random_embeddings(6, B, D))
   labels = jnp.asarray(label_layouts(B)["with_singletons"])
   ids = jnp.arange(B)
-  for name in ("supcon",):
+  for name in ("supcon", "nca"):
     s_fn, d_fn, kw, _ = CASES[name]
     # "mean" counts the zero-cost self positives that "mean_nonzero" skips.
     kw = dict(kw, reduction="mean")
@@ -274,7 +277,7 @@ def test_pair_mask_matches_dense():
   x = jnp.asarray(random_embeddings(7, B, D))
   labels = jnp.asarray(label_layouts(B)["m_per_class"])
   pm = jnp.asarray(np.random.default_rng(1).random((B, B)) < 0.6)
-  for name in ("ntxent",):
+  for name in ("ntxent", "nca"):
     s_fn, d_fn, kw, _ = CASES[name]
     got = jax.jit(jax.value_and_grad(
         lambda e: s_fn(e, labels, pair_mask=pm, tile_size=5, **kw)))(x)
@@ -361,7 +364,51 @@ def test_exported():
       "streaming_contrastive_loss", "streaming_triplet_margin_loss",
       "streaming_lifted_structure_loss", "streaming_generalized_lifted_structure_loss",
       "streaming_multi_similarity_loss", "streaming_circle_loss", "streaming_ntxent_loss",
-      "streaming_supcon_loss", "streaming_npair_loss", "sharded_loss"}
+      "streaming_supcon_loss", "streaming_nca_loss", "streaming_npair_loss", "sharded_loss"}
   for name in st.__all__:
     fn = getattr(st, name)
     assert fn.__doc__ and "Example:" in fn.__doc__ and "{common}" not in fn.__doc__, name
+
+
+@pytest.mark.parametrize("routed_loss", ["nca"])
+def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
+  """Dense losses with a streamed twin hand large problems to it
+  (``_engine.ROUTE_MIN_ELEMENTS``): forced here at B = 12, the dense call
+  compiles to a loop over tiles and keeps the dense values and gradients
+  (self and reference modes, padding, pair masks, every reduction)."""
+  from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
+  _, d_fn, kw, _ = CASES[routed_loss]
+  x, ref, ref_labels = _inputs()
+  labels = jnp.asarray(label_layouts(B)["with_singletons"])
+  where = jnp.asarray(np.arange(B) < B - 2)
+  pm = jnp.asarray(np.random.default_rng(2).random((B, M)) < 0.7)
+  calls = {
+      "self": lambda e, r: d_fn(e, labels, where=where, **kw),
+      "ref": lambda e, r: d_fn(e, labels, r, ref_labels, where=where, pair_mask=pm,
+                               **dict(kw, reduction="sum")),
+      "none": lambda e, r: jnp.sum(d_fn(e, labels, where=where, **dict(kw, reduction="none"))),
+  }
+
+  def run(fn):
+    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    return step(x, ref), step.lower(x, ref).as_text()
+
+  dense = {name: run(fn) for name, fn in calls.items()}
+  monkeypatch.setattr(_engine, "ROUTE_MIN_ELEMENTS", 1)
+  monkeypatch.setattr(_engine, "_MIN_TILE", 1)
+  monkeypatch.setattr(_engine, "ROUTE_TILE_ELEMENTS", 4 * B)      # 4-column tiles
+  for name, fn in calls.items():
+    got, hlo = run(fn)
+    assert "while" in hlo and "while" not in dense[name][1], name
+    _check_close(got, dense[name][0], f"{routed_loss} {name} routed")
+  assert _engine.routed_tile(jnp.ones((B,)), None) is None      # malformed: dense checks
+
+
+def test_routed_tile_sizes():
+  from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
+  assert _engine.routed_tile(jnp.ones((1024, 8)), jnp.ones((1024, 8))) is None
+  assert _engine.routed_tile(jnp.ones((2048, 8))) == _engine.ROUTE_TILE_ELEMENTS // 2048
+  assert _engine.routed_tile(jnp.ones((2048, 8)), jnp.ones((64, 8))) is None
+  assert _engine.routed_tile(jnp.ones((64, 8)), jnp.ones((1 << 16, 8))) == 1 << 13
+  huge = _engine.routed_tile(jax.ShapeDtypeStruct((1 << 20, 8), jnp.float32))
+  assert huge == _engine.default_tile(1 << 20, 1 << 20)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from metric_jax import _checks
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.streaming import _engine as streaming_engine
 
 
 def nca_loss(embeddings: jax.Array, labels: jax.Array,
@@ -65,6 +66,14 @@ def nca_loss(embeddings: jax.Array, labels: jax.Array,
   """
   reductions.check(reduction)
   _checks.scalar(softmax_scale, "softmax_scale", positive=True)
+  tile = streaming_engine.routed_tile(embeddings, ref_embeddings)
+  if tile is not None:
+    # Large problems: the same loss over column tiles (small buffers).
+    from metric_jax.streaming import softmax  # pylint: disable=import-outside-toplevel
+    return softmax.streaming_nca_loss(
+        embeddings, labels, ref_embeddings, ref_labels, softmax_scale=softmax_scale,
+        distance=distance, reduction=reduction, where=where, ref_where=ref_where,
+        pair_mask=pair_mask, tile_size=tile)
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
                           pair_mask=pair_mask)

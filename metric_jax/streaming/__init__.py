@@ -40,7 +40,7 @@ Losses: :func:`streaming_contrastive_loss`,
 :func:`streaming_generalized_lifted_structure_loss`,
 :func:`streaming_multi_similarity_loss`, :func:`streaming_circle_loss`,
 :func:`streaming_ntxent_loss`, :func:`streaming_supcon_loss`,
-:func:`streaming_npair_loss`.
+:func:`streaming_nca_loss`, :func:`streaming_npair_loss`.
 
 Several devices: which to use when
 ----------------------------------
@@ -81,7 +81,8 @@ from metric_jax.streaming.softmax import (streaming_circle_loss,
                                           streaming_generalized_lifted_structure_loss,
                                           streaming_lifted_structure_loss,
                                           streaming_multi_similarity_loss,
-                                          streaming_npair_loss, streaming_ntxent_loss,
+                                          streaming_nca_loss, streaming_npair_loss,
+                                          streaming_ntxent_loss,
                                           streaming_supcon_loss)
 from metric_jax.streaming.triplet import streaming_triplet_margin_loss
 
@@ -92,6 +93,7 @@ __all__ = [
     "streaming_generalized_lifted_structure_loss",
     "streaming_lifted_structure_loss",
     "streaming_multi_similarity_loss",
+    "streaming_nca_loss",
     "streaming_npair_loss",
     "streaming_ntxent_loss",
     "streaming_supcon_loss",

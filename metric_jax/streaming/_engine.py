@@ -45,6 +45,32 @@ TILE_ELEMENTS = 1 << 24
 _MIN_TILE = 16
 
 
+# Dense losses with a streamed twin hand problems of at least this many
+# [B, M] entries to it, in tiles of about ROUTE_TILE_ELEMENTS (2 MiB per
+# float32 block). XLA:CPU plans one scratch buffer per call; past 32 MiB
+# (a few [2048, 2048] blocks) glibc maps it afresh on every call and each
+# page touched faults: tiles keep it small (NCA at B = 2048: 51-57 -> 33 ms).
+ROUTE_MIN_ELEMENTS = 1 << 21
+ROUTE_TILE_ELEMENTS = 1 << 19
+
+
+def routed_tile(embeddings, ref_embeddings=None) -> int | None:
+  """Columns per tile when a dense loss of ``embeddings`` [B, D] against
+  ``ref_embeddings`` [M, D] (or itself) should be streamed, or None to
+  compute it densely (see :data:`ROUTE_MIN_ELEMENTS`; malformed inputs stay
+  dense, whose checks name the problem)."""
+  shapes = [np.shape(embeddings), np.shape(embeddings if ref_embeddings is None
+                                          else ref_embeddings)]
+  if any(len(shape) != 2 for shape in shapes):
+    return None
+  b, m = shapes[0][0], shapes[1][0]
+  if b * m < ROUTE_MIN_ELEMENTS:
+    return None
+  tile = ROUTE_TILE_ELEMENTS // b
+  # Past 2^19 / 16 = 32k anchors, the streaming default (64 MiB blocks).
+  return min(m, tile) if tile >= _MIN_TILE else default_tile(b, m)
+
+
 class Lse(NamedTuple):
   """A masked log-sum-exp over the columns of a tile.
 

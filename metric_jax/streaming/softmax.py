@@ -1,5 +1,5 @@
 """Streaming log-sum-exp losses: lifted structure, generalized lifted
-structure, multi-similarity, circle, NT-Xent, SupCon and N-pair.
+structure, multi-similarity, circle, NT-Xent, SupCon, NCA and N-pair.
 
 Each per-anchor log-sum-exp is reduced over the reference tiles with an
 online log-sum-exp (running max and rescaled sum); losses whose terms are
@@ -18,6 +18,7 @@ __all__ = [
     "streaming_circle_loss",
     "streaming_ntxent_loss",
     "streaming_supcon_loss",
+    "streaming_nca_loss",
     "streaming_npair_loss",
 ]
 
@@ -570,6 +571,72 @@ def streaming_supcon_loss(
   valid = has_p & (ctx.total(sums["n_pos"]) > 0) & (ctx.total(sums["n_neg"]) > 0)
   terms = jnp.where(valid, terms, 0.0)
   return eng.reduce_terms(terms, valid, reduction, ctx)
+
+
+@_doc
+def streaming_nca_loss(
+    embeddings: jax.Array, labels: jax.Array,
+    ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None, *,
+    softmax_scale: float = 1.0, distance="squared_euclidean", reduction: str = "mean",
+    where: jax.Array | None = None, ref_where: jax.Array | None = None,
+    pair_mask: jax.Array | None = None, ids: jax.Array | None = None,
+    ref_ids: jax.Array | None = None, tile_size: int | None = None,
+    axis_name: str | None = None) -> jax.Array:
+  r"""NCA over column tiles (same values and gradients as
+  :func:`metric_jax.losses.nca_loss`).
+
+  Per anchor i with ``z_ij = -scale d_ij`` (``+scale s_ij`` for a
+  similarity)::
+
+    l_i = LSE_{j in P(i) u N(i)} z_ij - LSE_{j in P(i)} z_ij
+
+  One streamed pass: two online log-sum-exps. Anchors without a positive
+  are dropped; a NaN logit of any anchor makes the loss NaN, as the dense
+  loss does.
+
+  Args:
+    embeddings: [B, D] float anchors.
+    labels: [B] integer labels.
+    ref_embeddings: optional [M, D] references.
+    ref_labels: [M] labels of the references.
+    softmax_scale, distance: as the dense loss.
+    reduction: ``"mean"`` (default, over anchors with a positive),
+      ``"mean_nonzero"``, ``"sum"``, ``"none"`` ([B] terms).
+    {common}
+
+  Returns:
+    Scalar float32 loss ([B] terms for ``reduction="none"``).
+
+  References:
+    Goldberger, Roweis, Hinton, Salakhutdinov, "Neighbourhood Components
+    Analysis", NeurIPS 2004.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from metric_jax.streaming import streaming_nca_loss
+    >>> emb = jnp.array([[1., 0.], [0.8, 0.6], [0., 1.]])
+    >>> round(float(streaming_nca_loss(emb, jnp.array([0, 0, 1]), tile_size=2)), 4)
+    0.3485
+  """
+  reductions.check(reduction)
+  _checks.scalar(softmax_scale, "softmax_scale", positive=True)
+  inp, tile = _setup(embeddings, labels, ref_embeddings, ref_labels, distance, where,
+                     ref_where, pair_mask, ids, ref_ids, tile_size, axis_name)
+  sim, ctx = inp.is_similarity, inp.ctx
+
+  def fn(rows, cols):
+    mat = eng.tile_matrix(rows, cols, distance)
+    z = softmax_scale * (mat if sim else -mat)
+    masks = eng.tile_masks(rows, cols)
+    members = masks.pos | masks.neg
+    return ({"nan": eng.count(jnp.isnan(z) & members), "n_pos": eng.count(masks.pos)},
+            (eng.Lse(z, members), eng.Lse(z, masks.pos)))
+
+  sums, (lse_all, lse_pos) = eng.stream(fn, inp.rows, inp.cols, tile)
+  has_p = sums["n_pos"] > 0
+  terms = jnp.where(has_p, lse_all - lse_pos, 0.0)
+  result = eng.reduce_terms(terms, has_p, reduction, ctx)
+  return jnp.where(ctx.total(sums["nan"]) > 0, jnp.nan, result)
 
 
 @_doc
