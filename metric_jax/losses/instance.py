@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from metric_jax import _checks
+from metric_jax import distances as distances_lib
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.streaming import _engine as streaming_engine
 
 
 def _dense_rank(labels: jax.Array, valid: jax.Array) -> jax.Array:
@@ -88,20 +90,40 @@ def instance_loss(embeddings: jax.Array, labels: jax.Array,
                        f"classifier, as in PML); got an array.")
   reductions.check(reduction)
   _checks.scalar(gamma, "gamma", positive=True)
-  problem = pairs.prepare(embeddings, labels, distance=distance, where=where)
-  if not problem.is_similarity:
+  pairs.check_inputs(embeddings, labels, where=where)
+  if not distances_lib.is_similarity(distance):
     raise ValueError(
         "instance_loss needs a similarity `distance` (\"cosine\"), got the distance "
         f"{distance!r}.")
-  logits = gamma * problem.matrix
-  row_valid = problem.masks.row_valid
-  col_valid = problem.masks.col_valid
-  rank = _dense_rank(jnp.asarray(labels), row_valid)
+  valid = jnp.ones(embeddings.shape[0], bool) if where is None else jnp.asarray(where)
+  rank = _dense_rank(jnp.asarray(labels), valid)
   # Original index of the k-th valid column (ranks never exceed #valid - 1).
-  valid_cols = jnp.nonzero(col_valid, size=col_valid.shape[0], fill_value=0)[0]
-  target = valid_cols[jnp.clip(rank, 0, col_valid.shape[0] - 1)]
-  lse, _ = reductions.masked_logsumexp(logits, jnp.broadcast_to(col_valid, logits.shape))
-  picked = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
-  terms = jnp.where(row_valid, lse - picked, 0.0)
+  valid_cols = jnp.nonzero(valid, size=valid.shape[0], fill_value=0)[0]
+  target = valid_cols[jnp.clip(rank, 0, valid.shape[0] - 1)]
+  tile = streaming_engine.routed_tile(embeddings)
+  if tile is None:
+    logits = gamma * pairs.prepare(embeddings, labels, distance=distance, where=where).matrix
+    lse, _ = reductions.masked_logsumexp(logits, jnp.broadcast_to(valid, logits.shape))
+    picked = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
+  else:
+    # Large batches: the log-sum-exps over column tiles (small buffers).
+    lse, picked = _streamed_logits(embeddings, valid, target, gamma, distance, tile)
+  terms = jnp.where(valid, lse - picked, 0.0)
   # A NaN logit makes its row's lse NaN: keep it visible in every reduction.
-  return reductions.keep_nan(reductions.reduce(terms, row_valid, reduction), lse, row_valid)
+  return reductions.keep_nan(reductions.reduce(terms, valid, reduction), lse, valid)
+
+
+def _streamed_logits(embeddings, valid, target, gamma, distance, tile):
+  """[B] ``LSE_j gamma s_ij`` over the valid columns (streamed over tiles of
+  ``tile`` columns) and [B] target logits ``gamma s_{i, target_i}``, each
+  pair evaluated by the dense loss's metric."""
+  x = pairs.zero_invalid_rows(embeddings, valid).astype(jnp.float32)
+
+  def fn(rows, cols):
+    logits = gamma * streaming_engine.tile_matrix(rows, cols, distance)
+    members = rows["valid"][:, None] & cols["valid"][None, :]
+    return {}, (streaming_engine.Lse(logits, members),)
+
+  _, (lse,) = streaming_engine.stream(fn, {"x": x, "valid": valid}, {"y": x, "valid": valid},
+                                      tile)
+  return lse, gamma * distances_lib.paired(x, x[target], distance)

@@ -56,6 +56,45 @@ def test_instance_labels_target_self_and_where():
                              rtol=1e-5)
 
 
+def routed(monkeypatch):
+  """Every batch takes the streamed path, in 3-column tiles."""
+  from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(_engine, "ROUTE_MIN_ELEMENTS", 1)
+  monkeypatch.setattr(_engine, "_MIN_TILE", 1)
+  monkeypatch.setattr(_engine, "ROUTE_TILE_ELEMENTS", 3 * 12)
+
+
+def test_streamed_path_matches_reference_and_dense(monkeypatch):
+  emb = jnp.asarray(random_embeddings(3, 12, 5))
+  emb_nan_pad = emb.at[10:].set(jnp.nan)
+  where = jnp.arange(12) < 10
+
+  def run():
+    out = {}
+    for layout, labels in label_layouts().items():
+      for reduction in ("mean", "none"):
+        f = lambda e, labels=labels, reduction=reduction: jnp.sum(mj.losses.instance_loss(
+            e, labels, gamma=16.0, where=where, reduction=reduction))
+        step = jax.jit(jax.value_and_grad(f))
+        out[layout, reduction] = step(emb_nan_pad), "while" in step.lower(emb).as_text()
+    return out
+
+  dense = run()
+  routed(monkeypatch)
+  streamed = run()
+  for key, ((value, grad), loops) in streamed.items():
+    (want_value, want_grad), dense_loops = dense[key]
+    assert loops and not dense_loops, key
+    np.testing.assert_allclose(value, want_value, rtol=2e-5, err_msg=str(key))
+    np.testing.assert_allclose(grad, want_grad, rtol=2e-4, atol=2e-6, err_msg=str(key))
+    assert np.all(np.isfinite(grad)), key
+  labels = label_layouts()["m_per_class"]
+  np.testing.assert_allclose(
+      mj.losses.instance_loss(emb_nan_pad, labels, gamma=16.0, where=where),
+      instance_np(np.asarray(emb), labels, gamma=16.0, where=np.asarray(where)), rtol=1e-5)
+  assert np.isnan(float(mj.losses.instance_loss(emb.at[0, 1].set(jnp.nan), labels)))
+
+
 def test_contract():
   # With all-singleton labels every sample is its own target: the loss is an
   # instance-discrimination softmax, not zero.
