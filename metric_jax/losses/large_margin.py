@@ -589,13 +589,11 @@ def subcenter_arcface_logits(embeddings: jax.Array, weights: jax.Array,
   _check_angular(margin, scale)
   w = _subcenter_weights(weights, sub_centers)
   c, k, d = w.shape
-  # Sub-centre-major rows ([k, C] blocks): the max over sub-centres is a
-  # chain of elementwise maxima of k [B, C] blocks, whose gradient is one
-  # select per block (a reduction over a minor axis of size k, or jnp.max
-  # with its tie counting, is slower for the whole loss on CPU).
-  by_center = jnp.reshape(jnp.transpose(w, (1, 0, 2)), (k * c, d))
-  blocks = _cosine(embeddings, by_center).reshape(-1, k, c)
-  cos = functools.reduce(jnp.maximum, [blocks[:, i] for i in range(k)])
+  # One [B, C] product per sub-centre and a chain of elementwise maxima,
+  # whose gradient is one select per block (a reduction over a minor axis of
+  # size k, or jnp.max with its tie counting, is slower on CPU; k separate
+  # products keep the buffers at [B, C]: 35 -> 30 ms at B = 2048, k = 3).
+  cos = functools.reduce(jnp.maximum, [_cosine(embeddings, w[:, i]) for i in range(k)])
   if labels is None:
     return scale * cos
   _label_out_of_range(labels, c)
