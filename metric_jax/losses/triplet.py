@@ -39,6 +39,9 @@ _TILE_ELEMENTS = 1 << 22
 # and falls back to the sorted or streamed path when an anchor has more than
 # the largest. An empty tuple disables the grid.
 _FAST_POSITIVES = (4, 8, 16)
+# Largest [B, P, M] positive grid reduced in one piece (2 MiB per float32
+# buffer); larger grids go in tiles of anchors.
+_GRID_ELEMENTS = 1 << 19
 
 
 class _SortedNegatives(NamedTuple):
@@ -146,24 +149,49 @@ def _batch_all_streamed(dist, pos, neg, ref_dist, margin, soft, swap, band,
                       jnp.sum(valid, dtype=jnp.float32), reduction)
 
 
-def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
-                        reduction, max_positives):
-  """Batch-all over each anchor's (at most ``max_positives``) positives only:
-  a [B, P, M] grid instead of [B, M, M]. If an anchor has more positives than
-  ``max_positives`` the result is NaN (loud, never silently truncated)."""
-  m = dist.shape[1]
-  p = min(max_positives, m)
-  p_idx, p_valid = _grid.first_positive_columns(pos, p)         # [B, P]
-  d_ap = jnp.take_along_axis(dist, p_idx, axis=1)[:, :, None]    # [B, P, 1]
+def _gathered_terms(dist, p_idx, p_valid, neg, ref_dist, margin, soft, swap, band):
+  """Terms and mask [b, P, M] of the anchors' positive slots ``p_idx`` [b, P]
+  against every reference (``dist`` [b, M], ``neg`` [b, M])."""
+  p, m = p_idx.shape[1], dist.shape[1]
+  d_ap = jnp.take_along_axis(dist, p_idx, axis=1)[:, :, None]    # [b, P, 1]
   d_an = jnp.broadcast_to(dist[:, None, :], (dist.shape[0], p, m))
   mask = p_valid[:, :, None] & neg[:, None, :]
   if band:
     mask = mask & (d_an > d_ap) & (d_an < d_ap + margin)
   if swap:
-    d_an = jnp.minimum(d_an, ref_dist[p_idx])                    # d_pn: [B, P, M]
-  terms = _hinge(d_ap - d_an, margin, soft)
-  result = reductions.reduce(terms, mask, reduction)
+    d_an = jnp.minimum(d_an, ref_dist[p_idx])                    # d_pn: [b, P, M]
+  return _hinge(d_ap - d_an, margin, soft), mask
+
+
+def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
+                        reduction, max_positives):
+  """Batch-all over each anchor's (at most ``max_positives``) positives only:
+  a [B, P, M] grid instead of [B, M, M]. If an anchor has more positives than
+  ``max_positives`` the result is NaN (loud, never silently truncated).
+
+  A grid over :data:`_GRID_ELEMENTS` entries is reduced in checkpointed
+  tiles of anchors (small buffers; see ``angular._GRID_ELEMENTS``)."""
+  b, m = dist.shape
+  p = min(max_positives, m)
+  p_idx, p_valid = _grid.first_positive_columns(pos, p)         # [B, P]
   overflow = jnp.any(_grid.positive_counts(pos) > p)
+  if b * p * m <= _GRID_ELEMENTS:
+    terms, mask = _gathered_terms(dist, p_idx, p_valid, neg, ref_dist, margin, soft,
+                                  swap, band)
+    result = reductions.reduce(terms, mask, reduction)
+  else:
+    @jax.checkpoint
+    def anchor_stats(args):   # one anchor; lax.map vmaps it over a tile
+      terms, mask = _gathered_terms(*(v[None] for v in args), ref_dist, margin, soft,
+                                    swap, band)
+      terms = jnp.where(mask, terms, 0.0)
+      return (jnp.sum(terms), jnp.sum(mask & (terms > 0), dtype=jnp.float32),
+              jnp.sum(mask, dtype=jnp.float32))
+
+    tile = max(1, _GRID_ELEMENTS // (p * m))
+    total, nonzero, valid = jax.lax.map(anchor_stats, (dist, p_idx, p_valid, neg),
+                                        batch_size=tile)
+    result = _reduce_sums(jnp.sum(total), jnp.sum(nonzero), jnp.sum(valid), reduction)
   return jnp.where(overflow, jnp.nan, result)
 
 

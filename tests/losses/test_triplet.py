@@ -1,6 +1,8 @@
 """triplet_margin_loss vs loop references for every mining mode, the loss
 contract, memory at B = 2048 and PML parity."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,6 +188,36 @@ def test_grid_size_is_chosen_by_the_most_positives(per_class, mode, use_grid):
   use_grid(())
   want = jax.jit(jax.value_and_grad(loss))(emb)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", [{"mining": "all"}, {"mining": "semihard"},
+                                  {"mining": "all", "soft": True, "swap": True}])
+def test_tiled_grid_equals_one_piece(monkeypatch, mode):
+  """Grids above triplet._GRID_ELEMENTS are reduced in tiles of anchors (7
+  per tile, which does not divide B = 40): values and gradients equal the
+  one-piece grid, for every reduction, with NaN padding; the 4- and
+  16-positive grids both."""
+  from metric_jax.losses import triplet
+  emb = jnp.asarray(random_embeddings(18, 40, 5, scale=0.5))
+  emb = emb.at[37:].set(jnp.nan)
+  where = jnp.arange(40) < 37
+  reductions = ("mean_nonzero", "mean", "sum")
+  for per_class, p in ((4, 4), (12, 16)):
+    labels = jnp.asarray(np.arange(40) // per_class)
+
+    def all_reductions(e, labels=labels):   # a new function per call: traced anew
+      return [jax.value_and_grad(lambda e, r=r: mj.losses.triplet_margin_loss(
+          e, labels, margin=0.4, reduction=r, where=where, **mode))(e) for r in reductions]
+
+    monkeypatch.setattr(triplet, "_GRID_ELEMENTS", 1 << 62)
+    want = jax.jit(functools.partial(all_reductions))(emb)
+    monkeypatch.setattr(triplet, "_GRID_ELEMENTS", 7 * p * 40)
+    got = jax.jit(functools.partial(all_reductions))(emb)
+    for reduction, (value, grad), (want_value, want_grad) in zip(reductions, got, want):
+      what = f"{mode} K={per_class} {reduction}"
+      np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=what)
+      np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6, err_msg=what)
+      assert np.all(np.isfinite(grad)), what
 
 
 def test_none_reduction_shapes():
