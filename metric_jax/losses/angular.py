@@ -49,11 +49,6 @@ _GATHER_SIZES = (4, 16)
 _FACTORIZED_MAX_ALPHA = math.radians(60.0)
 # Budget for one tile of the streamed path, in [t, M, M] elements.
 _TILE_ELEMENTS = 1 << 22
-# Largest [B, p, M] positive-slot grid evaluated in one piece (2 MiB per
-# float32 buffer); larger grids go in tiles of anchors. XLA:CPU sizes one
-# scratch buffer for all branches of the grid choice, and past 32 MiB glibc
-# maps it afresh on every call (page faults on every buffer touched).
-_GRID_ELEMENTS = 1 << 19
 
 
 def _factorized(s, r, pos, neg, ref_neg, k, c):
@@ -85,22 +80,17 @@ def _gathered(s, r, pos, neg, k, c, p):
   masked log-sum-exp over a [B, p, M] (positive x negative) grid. Anchors
   with more than ``p`` positives get NaN terms (never a silent truncation).
 
-  A grid over :data:`_GRID_ELEMENTS` entries is evaluated in tiles of
-  anchors, recomputed in the backward pass, so that its buffers stay small."""
+  Large grids go in tiles of anchors (:func:`_grid.over_anchors`)."""
   b, m = s.shape
   p_idx, p_valid = _grid.first_positive_columns(pos, min(p, m))          # [B, p]
   s_ap = jnp.take_along_axis(s, p_idx, axis=1)                           # [B, p]
-  p = p_idx.shape[1]
-  if b * p * m <= _GRID_ELEMENTS:
-    lse = _slot_lse(s, r[p_idx], s_ap, p_valid, neg, k, c)
+  slot_lse = lambda s_a, idx_a, s_ap_a, valid_a, neg_a: _slot_lse(
+      s_a, r[idx_a], s_ap_a, valid_a, neg_a, k, c)
+  rows, row_elements = (s, p_idx, s_ap, p_valid, neg), p_idx.shape[1] * m
+  if b * row_elements <= _grid.GRID_ELEMENTS:
+    lse = slot_lse(*rows)
   else:
-    tile = max(1, _GRID_ELEMENTS // (p * m))
-    @jax.checkpoint
-    def anchor(args):   # one anchor; lax.map vmaps it over a tile
-      s_a, idx_a, s_ap_a, valid_a, neg_a = (v[None] for v in args)
-      return _slot_lse(s_a, r[idx_a], s_ap_a, valid_a, neg_a, k, c)[0]
-
-    lse = jax.lax.map(anchor, (s, p_idx, s_ap, p_valid, neg), batch_size=tile)
+    lse = _grid.over_anchors(slot_lse, rows, row_elements)
   terms = jnp.zeros((b, m), lse.dtype).at[jnp.arange(b)[:, None], p_idx].add(lse)
   overflow = _grid.positive_counts(pos) > p
   return jnp.where(overflow[:, None], jnp.nan, terms)

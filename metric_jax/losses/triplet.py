@@ -39,9 +39,6 @@ _TILE_ELEMENTS = 1 << 22
 # and falls back to the sorted or streamed path when an anchor has more than
 # the largest. An empty tuple disables the grid.
 _FAST_POSITIVES = (4, 8, 16)
-# Largest [B, P, M] positive grid reduced in one piece (2 MiB per float32
-# buffer); larger grids go in tiles of anchors.
-_GRID_ELEMENTS = 1 << 19
 
 
 class _SortedNegatives(NamedTuple):
@@ -169,28 +166,24 @@ def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
   a [B, P, M] grid instead of [B, M, M]. If an anchor has more positives than
   ``max_positives`` the result is NaN (loud, never silently truncated).
 
-  A grid over :data:`_GRID_ELEMENTS` entries is reduced in checkpointed
-  tiles of anchors (small buffers; see ``angular._GRID_ELEMENTS``)."""
+  Large grids are reduced in tiles of anchors (:func:`_grid.over_anchors`)."""
   b, m = dist.shape
   p = min(max_positives, m)
   p_idx, p_valid = _grid.first_positive_columns(pos, p)         # [B, P]
   overflow = jnp.any(_grid.positive_counts(pos) > p)
-  if b * p * m <= _GRID_ELEMENTS:
-    terms, mask = _gathered_terms(dist, p_idx, p_valid, neg, ref_dist, margin, soft,
-                                  swap, band)
+
+  rows = (dist, p_idx, p_valid, neg)
+  if b * p * m <= _grid.GRID_ELEMENTS:
+    terms, mask = _gathered_terms(*rows, ref_dist, margin, soft, swap, band)
     result = reductions.reduce(terms, mask, reduction)
   else:
-    @jax.checkpoint
-    def anchor_stats(args):   # one anchor; lax.map vmaps it over a tile
-      terms, mask = _gathered_terms(*(v[None] for v in args), ref_dist, margin, soft,
-                                    swap, band)
+    def anchor_stats(*rows):   # [1] total, counts of non-zero and of valid terms
+      terms, mask = _gathered_terms(*rows, ref_dist, margin, soft, swap, band)
       terms = jnp.where(mask, terms, 0.0)
-      return (jnp.sum(terms), jnp.sum(mask & (terms > 0), dtype=jnp.float32),
-              jnp.sum(mask, dtype=jnp.float32))
+      count = lambda m: jnp.sum(m, axis=(1, 2), dtype=jnp.float32)
+      return jnp.sum(terms, axis=(1, 2)), count(mask & (terms > 0)), count(mask)
 
-    tile = max(1, _GRID_ELEMENTS // (p * m))
-    total, nonzero, valid = jax.lax.map(anchor_stats, (dist, p_idx, p_valid, neg),
-                                        batch_size=tile)
+    total, nonzero, valid = _grid.over_anchors(anchor_stats, rows, p * m)
     result = _reduce_sums(jnp.sum(total), jnp.sum(nonzero), jnp.sum(valid), reduction)
   return jnp.where(overflow, jnp.nan, result)
 

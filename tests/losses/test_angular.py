@@ -104,7 +104,7 @@ def test_tiled_grid_equals_one_piece(monkeypatch, budget):
   # Grids above the budget go in tiles of anchors (1, 3 or 12 anchors per
   # tile here: one tile size does not divide B = 14); the 16-slot grid and
   # reference sets and masks included.
-  from metric_jax.losses import angular  # pylint: disable=import-outside-toplevel
+  from metric_jax.losses import _grid  # pylint: disable=import-outside-toplevel
   emb = jnp.asarray(random_embeddings(8, 14, 5))
   ref = jnp.asarray(random_embeddings(9, 6, 5))
   labels = jnp.asarray(np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4, 0, 1]))
@@ -115,7 +115,7 @@ def test_tiled_grid_equals_one_piece(monkeypatch, budget):
            (lambda e: mj.losses.angular_loss(e, labels, ref, ref_labels,
                                              reduction="sum"), {})]
   untiled = [jax.value_and_grad(f)(emb) for f, _ in cases]
-  monkeypatch.setattr(angular, "_GRID_ELEMENTS", budget)
+  monkeypatch.setattr(_grid, "GRID_ELEMENTS", budget)
   for (f, _), (value, grad) in zip(cases, untiled):
     got_value, got_grad = jax.jit(jax.value_and_grad(f))(emb)
     np.testing.assert_allclose(got_value, value, rtol=1e-5)

@@ -193,11 +193,11 @@ def test_grid_size_is_chosen_by_the_most_positives(per_class, mode, use_grid):
 @pytest.mark.parametrize("mode", [{"mining": "all"}, {"mining": "semihard"},
                                   {"mining": "all", "soft": True, "swap": True}])
 def test_tiled_grid_equals_one_piece(monkeypatch, mode):
-  """Grids above triplet._GRID_ELEMENTS are reduced in tiles of anchors (7
+  """Grids above _grid.GRID_ELEMENTS are reduced in tiles of anchors (7
   per tile, which does not divide B = 40): values and gradients equal the
   one-piece grid, for every reduction, with NaN padding; the 4- and
   16-positive grids both."""
-  from metric_jax.losses import triplet
+  from metric_jax.losses import _grid
   emb = jnp.asarray(random_embeddings(18, 40, 5, scale=0.5))
   emb = emb.at[37:].set(jnp.nan)
   where = jnp.arange(40) < 37
@@ -209,9 +209,9 @@ def test_tiled_grid_equals_one_piece(monkeypatch, mode):
       return [jax.value_and_grad(lambda e, r=r: mj.losses.triplet_margin_loss(
           e, labels, margin=0.4, reduction=r, where=where, **mode))(e) for r in reductions]
 
-    monkeypatch.setattr(triplet, "_GRID_ELEMENTS", 1 << 62)
+    monkeypatch.setattr(_grid, "GRID_ELEMENTS", 1 << 62)
     want = jax.jit(functools.partial(all_reductions))(emb)
-    monkeypatch.setattr(triplet, "_GRID_ELEMENTS", 7 * p * 40)
+    monkeypatch.setattr(_grid, "GRID_ELEMENTS", 7 * p * 40)
     got = jax.jit(functools.partial(all_reductions))(emb)
     for reduction, (value, grad), (want_value, want_grad) in zip(reductions, got, want):
       what = f"{mode} K={per_class} {reduction}"
