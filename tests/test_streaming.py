@@ -370,7 +370,7 @@ def test_exported():
     assert fn.__doc__ and "Example:" in fn.__doc__ and "{common}" not in fn.__doc__, name
 
 
-@pytest.mark.parametrize("routed_loss", ["nca"])
+@pytest.mark.parametrize("routed_loss", ["nca", "generalized_lifted", "generalized_lifted_zero"])
 def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   """Dense losses with a streamed twin hand large problems to it
   (``_engine.ROUTE_MIN_ELEMENTS``): forced here at B = 12, the dense call
@@ -383,7 +383,7 @@ def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   where = jnp.asarray(np.arange(B) < B - 2)
   pm = jnp.asarray(np.random.default_rng(2).random((B, M)) < 0.7)
   calls = {
-      "self": lambda e, r: d_fn(e, labels, where=where, **kw),
+      "self": lambda e, r: jnp.sum(d_fn(e, labels, where=where, **kw)),
       "ref": lambda e, r: d_fn(e, labels, r, ref_labels, where=where, pair_mask=pm,
                                **dict(kw, reduction="sum")),
       "none": lambda e, r: jnp.sum(d_fn(e, labels, where=where, **dict(kw, reduction="none"))),

@@ -24,6 +24,7 @@ from metric_jax import _checks
 from metric_jax import distances as distances_lib
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.streaming import _engine as streaming_engine
 
 EMPTY_LSE = ("-inf", "zero")
 REF_NEGATIVES = ("reference", "anchor_only", "pml")
@@ -268,6 +269,14 @@ def generalized_lifted_structure_loss(embeddings: jax.Array, labels: jax.Array,
   _checks.scalar(pos_margin, "pos_margin")
   _checks.scalar(neg_margin, "neg_margin")
   _checks.choice(empty_lse, EMPTY_LSE, "empty_lse")
+  tile = streaming_engine.routed_tile(embeddings, ref_embeddings)
+  if tile is not None:
+    # Large problems: the same loss over column tiles (small buffers).
+    from metric_jax.streaming import softmax  # pylint: disable=import-outside-toplevel
+    return softmax.streaming_generalized_lifted_structure_loss(
+        embeddings, labels, ref_embeddings, ref_labels, neg_margin=neg_margin,
+        pos_margin=pos_margin, empty_lse=empty_lse, distance=distance, reduction=reduction,
+        where=where, ref_where=ref_where, pair_mask=pair_mask, tile_size=tile)
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
                           pair_mask=pair_mask)
