@@ -2,6 +2,7 @@
 L-Softmax vs loop references, the loss contract, gradients w.r.t. the class
 weights, half precision at scale 64, bad inputs and PML parity."""
 
+import functools
 import math
 
 import jax
@@ -158,6 +159,28 @@ def test_arcface_fallback_branch_and_gradient_at_cos_pm1():
     for e in (2.0 * w[labels], -3.0 * w[labels]):  # cos exactly +1 / -1 (up to rounding)
       g_e, g_w = grad(jnp.asarray(e), jnp.asarray(ww))
       assert np.all(np.isfinite(g_e)) and np.all(np.isfinite(g_w)), name
+
+
+def test_subcenter_max_routes_the_gradient_to_the_maximum():
+  """The sub-centre maximum's custom rule (it keeps an int8 index, not the
+  blocks): the gradient of jnp.maximum away from ties, all of it to the
+  first maximal block at a tie; jit and vmap."""
+  from metric_jax.losses import large_margin  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  blocks = [jnp.asarray(rng.normal(size=(6, 5)).astype(np.float32)) for _ in range(3)]
+  weights = jnp.asarray(rng.normal(size=(6, 5)).astype(np.float32))
+  custom = lambda *b: jnp.sum(weights * large_margin._max_of_blocks(3, *b))
+  plain = lambda *b: jnp.sum(weights * functools.reduce(jnp.maximum, b))
+  np.testing.assert_allclose(custom(*blocks), plain(*blocks))
+  for got, want in zip(jax.jit(jax.grad(custom, argnums=(0, 1, 2)))(*blocks),
+                       jax.grad(plain, argnums=(0, 1, 2))(*blocks)):
+    np.testing.assert_array_equal(got, want)
+  tied = jax.grad(custom, argnums=(0, 1, 2))(blocks[1], blocks[1], blocks[0])
+  winner = blocks[1] >= blocks[0]
+  np.testing.assert_array_equal(tied[0], np.where(winner, weights, 0.0))
+  np.testing.assert_array_equal(tied[1], 0.0)
+  per_row = jax.vmap(jax.grad(lambda a, b: jnp.sum(large_margin._max_of_blocks(2, a, b))))
+  np.testing.assert_array_equal(per_row(blocks[0], blocks[1]), blocks[0] >= blocks[1])
 
 
 def test_subcenter_layouts_agree():
