@@ -85,6 +85,11 @@ CASES = {
                           "reduction": "mean_nonzero"}, SELF),
     "supcon": (st.streaming_supcon_loss, L.supcon_loss, {"temperature": 0.5}, SELF),
     "nca": (st.streaming_nca_loss, L.nca_loss, {"softmax_scale": 0.5}, BOTH),
+    "ranked_list": (st.streaming_ranked_list_loss, L.ranked_list_loss,
+                    {"alpha": 3.0, "margin": 1.0, "Tp": 2.0}, BOTH),
+    "ranked_list_pml_none": (st.streaming_ranked_list_loss, L.ranked_list_loss,
+                             {"alpha": 3.0, "margin": 1.0, "pml_compat": True,
+                              "reduction": "none"}, SELF),
     "nca_cosine_none": (st.streaming_nca_loss, L.nca_loss,
                         {"distance": "cosine", "softmax_scale": 4.0, "reduction": "none"}, SELF),
     "npair": (st.streaming_npair_loss, L.npair_loss, {}, SELF),
@@ -364,13 +369,15 @@ def test_exported():
       "streaming_contrastive_loss", "streaming_triplet_margin_loss",
       "streaming_lifted_structure_loss", "streaming_generalized_lifted_structure_loss",
       "streaming_multi_similarity_loss", "streaming_circle_loss", "streaming_ntxent_loss",
-      "streaming_supcon_loss", "streaming_nca_loss", "streaming_npair_loss", "sharded_loss"}
+      "streaming_supcon_loss", "streaming_nca_loss", "streaming_npair_loss",
+      "streaming_ranked_list_loss", "sharded_loss"}
   for name in st.__all__:
     fn = getattr(st, name)
     assert fn.__doc__ and "Example:" in fn.__doc__ and "{common}" not in fn.__doc__, name
 
 
-@pytest.mark.parametrize("routed_loss", ["nca", "generalized_lifted", "generalized_lifted_zero"])
+@pytest.mark.parametrize("routed_loss", ["nca", "generalized_lifted", "generalized_lifted_zero",
+                                         "ranked_list", "ranked_list_pml_none"])
 def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   """Dense losses with a streamed twin hand large problems to it
   (``_engine.ROUTE_MIN_ELEMENTS``): forced here at B = 12, the dense call

@@ -9,11 +9,68 @@ import jax.numpy as jnp
 import numpy as np
 
 from metric_jax import _checks
+from metric_jax import distances as distances_lib
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.streaming import _engine as streaming_engine
 
 # PML adds this to every reference column's weight in both denominators.
 _PML_EPS = 1e-5
+
+
+def weighted_sets(d, pos, neg, *, margin, Tn, Tp, alpha, pml_compat):  # pylint: disable=invalid-name
+  """The two weighted sets of the loss on a [B, T] block of distances ``d``
+  with its positive / negative masks: ``[(x, logw, active)]`` for the
+  violating positives and negatives (shared with the streamed loss)."""
+  pos_bound = alpha - margin
+  # Comparisons written as negations so that NaN distances count as active
+  # and NaN inputs stay visible in the loss.
+  act_p = pos & ~(d <= pos_bound)
+  act_n = neg & ~(d >= alpha)
+  if pml_compat:
+    act_p = act_p & ~(d <= 0)
+    act_n = act_n & ~(d <= 0)
+  return [(d - pos_bound, Tp * (d - pos_bound), act_p), (alpha - d, Tn * (alpha - d), act_n)]
+
+
+def weighted_summands(sets, shifts):
+  """``[w, w x]`` per set, ``w = exp(logw - shift)`` on the active entries."""
+  summands = []
+  for (x, logw, active), shift in zip(sets, shifts):
+    w = jnp.where(active, jnp.exp(jnp.where(active, logw - shift, 0.0)), 0.0)
+    summands += [w, w * x]
+  return summands
+
+
+def weighted_mean(den, num, compat, n_cols):
+  """``num / den`` per row; 0 for an empty set (``den = 0``), NaN kept.
+  ``compat``: PML's ``num / (den + 1e-5 n_cols)``."""
+  if compat:
+    return num / (den + _PML_EPS * n_cols)
+  empty = den <= 0                   # written so that NaN stays visible
+  return jnp.where(empty, 0.0, num / jnp.where(empty, 1.0, den))
+
+
+def combine(loss_p, loss_n, imbalance):
+  return (1.0 - imbalance) * loss_p + imbalance * loss_n
+
+
+def check_args(margin, Tn, Tp, imbalance, alpha, distance):  # pylint: disable=invalid-name
+  """Validates the hyper-parameters and the metric (a distance); returns
+  ``alpha`` (None: 1 + margin / 2)."""
+  if distances_lib.is_similarity(distance):
+    raise ValueError(
+        f"ranked_list_loss needs a distance, got the similarity {distance!r}.")
+  _checks.scalar(margin, "margin")
+  _checks.scalar(Tn, "Tn")
+  _checks.scalar(Tp, "Tp")
+  _checks.scalar(imbalance, "imbalance")
+  if isinstance(imbalance, (int, float, np.number)) and not 0 <= imbalance <= 1:
+    raise ValueError(f"`imbalance` must be in [0, 1], got {imbalance}.")
+  if alpha is None:
+    alpha = 1.0 + margin / 2.0
+  _checks.scalar(alpha, "alpha")
+  return alpha
 
 
 def _weighted_means(sets, compat, n_cols):
@@ -31,19 +88,8 @@ def _weighted_means(sets, compat, n_cols):
     shifts = reductions.fused_maxima(
         [jnp.where(active, logw, -jnp.inf) for _, logw, active in sets], axis=1)
     shifts = [jnp.where(s == -jnp.inf, 0.0, s)[:, None] for s in shifts]
-  summands = []
-  for (x, logw, active), shift in zip(sets, shifts):
-    w = jnp.where(active, jnp.exp(jnp.where(active, logw - shift, 0.0)), 0.0)
-    summands += [w, w * x]
-  sums = reductions.fused_sums(summands, axis=1)
-  means = []
-  for den, num in zip(sums[::2], sums[1::2]):
-    if compat:
-      means.append(num / (den + _PML_EPS * n_cols))
-    else:
-      empty = den <= 0                   # written so that NaN stays visible
-      means.append(jnp.where(empty, 0.0, num / jnp.where(empty, 1.0, den)))
-  return means
+  sums = reductions.fused_sums(weighted_summands(sets, shifts), axis=1)
+  return [weighted_mean(den, num, compat, n_cols) for den, num in zip(sums[::2], sums[1::2])]
 
 
 def ranked_list_loss(embeddings: jax.Array, labels: jax.Array,
@@ -117,33 +163,23 @@ def ranked_list_loss(embeddings: jax.Array, labels: jax.Array,
     0.0685
   """
   reductions.check(reduction)
-  _checks.scalar(margin, "margin")
-  _checks.scalar(Tn, "Tn")
-  _checks.scalar(Tp, "Tp")
-  _checks.scalar(imbalance, "imbalance")
-  if isinstance(imbalance, (int, float, np.number)) and not 0 <= imbalance <= 1:
-    raise ValueError(f"`imbalance` must be in [0, 1], got {imbalance}.")
-  if alpha is None:
-    alpha = 1.0 + margin / 2.0
-  _checks.scalar(alpha, "alpha")
+  alpha = check_args(margin, Tn, Tp, imbalance, alpha, distance)
+  params = dict(margin=margin, Tn=Tn, Tp=Tp, imbalance=imbalance, alpha=alpha,
+                pml_compat=pml_compat)
+  tile = streaming_engine.routed_tile(embeddings, ref_embeddings)
+  if tile is not None:
+    # Large problems: the same loss over column tiles (small buffers).
+    from metric_jax.streaming import ranked_list  # pylint: disable=import-outside-toplevel
+    return ranked_list.streaming_ranked_list_loss(
+        embeddings, labels, ref_embeddings, ref_labels, distance=distance,
+        reduction=reduction, where=where, ref_where=ref_where, pair_mask=pair_mask,
+        tile_size=tile, **params)
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
                           pair_mask=pair_mask)
-  if problem.is_similarity:
-    raise ValueError(
-        f"ranked_list_loss needs a distance, got the similarity {distance!r}.")
-  d, masks = problem.matrix, problem.masks
-  pos_bound = alpha - margin
-  # Comparisons written as negations so that NaN distances count as active
-  # and NaN inputs stay visible in the loss.
-  act_p = masks.pos & ~(d <= pos_bound)
-  act_n = masks.neg & ~(d >= alpha)
-  if pml_compat:
-    act_p = act_p & ~(d <= 0)
-    act_n = act_n & ~(d <= 0)
+  masks = problem.masks
+  sets = weighted_sets(problem.matrix, masks.pos, masks.neg, margin=margin, Tn=Tn, Tp=Tp,
+                       alpha=alpha, pml_compat=pml_compat)
   n_cols = jnp.sum(masks.col_valid).astype(jnp.float32)
-  loss_p, loss_n = _weighted_means(
-      [(d - pos_bound, Tp * (d - pos_bound), act_p), (alpha - d, Tn * (alpha - d), act_n)],
-      pml_compat, n_cols)
-  terms = (1.0 - imbalance) * loss_p + imbalance * loss_n
-  return reductions.reduce(terms, masks.row_valid, reduction)
+  loss_p, loss_n = _weighted_means(sets, pml_compat, n_cols)
+  return reductions.reduce(combine(loss_p, loss_n, imbalance), masks.row_valid, reduction)

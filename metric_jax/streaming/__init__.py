@@ -40,7 +40,8 @@ Losses: :func:`streaming_contrastive_loss`,
 :func:`streaming_generalized_lifted_structure_loss`,
 :func:`streaming_multi_similarity_loss`, :func:`streaming_circle_loss`,
 :func:`streaming_ntxent_loss`, :func:`streaming_supcon_loss`,
-:func:`streaming_nca_loss`, :func:`streaming_npair_loss`.
+:func:`streaming_nca_loss`, :func:`streaming_npair_loss`,
+:func:`streaming_ranked_list_loss`.
 
 Several devices: which to use when
 ----------------------------------
@@ -76,6 +77,7 @@ Example:
 """
 
 from metric_jax.streaming.contrastive import streaming_contrastive_loss
+from metric_jax.streaming.ranked_list import streaming_ranked_list_loss
 from metric_jax.streaming.sharded import sharded_loss
 from metric_jax.streaming.softmax import (streaming_circle_loss,
                                           streaming_generalized_lifted_structure_loss,
@@ -96,6 +98,7 @@ __all__ = [
     "streaming_nca_loss",
     "streaming_npair_loss",
     "streaming_ntxent_loss",
+    "streaming_ranked_list_loss",
     "streaming_supcon_loss",
     "streaming_triplet_margin_loss",
 ]
