@@ -164,21 +164,24 @@ def test_jitted_train_step_carries_the_state():
   xbm = memory.cross_batch_memory(size=16, embedding_dim=D)
   w0 = jnp.eye(D)
 
+  traces = []
+
   @jax.jit
   def step(w, state, x, labels):
+    traces.append(1)   # runs once per trace
     def loss(w):
       return memory.with_memory(mj.losses.contrastive_loss, state, x @ w, labels)
     (val, state), g = jax.value_and_grad(loss, has_aux=True)(w)
     return w - 0.1 * g, state, val
 
   w, state = w0, xbm.init()
-  traces = []
   for seed in range(5):
     x, labels = _batch(20 + seed)
     w, state, val = step(w, state, x, labels)
-    traces.append(step._cache_size())
     assert np.isfinite(float(val))
-  assert traces[-1] == 1, "the step retraced"
+  # Counted in the traced body: jit's C++ dispatch cache (``_cache_size``)
+  # is a global LRU that the rest of a long test session can evict.
+  assert len(traces) == 1, "the step retraced"
   assert int(state.ptr) == 30 % 16 and bool(state.valid.all())
 
 

@@ -411,7 +411,8 @@ def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   assert _engine.routed_tile(jnp.ones((B,)), None) is None      # malformed: dense checks
 
 
-def test_routed_tile_sizes():
+def test_routed_tile_sizes(monkeypatch):
+  from metric_jax.losses import _grid  # pylint: disable=import-outside-toplevel
   from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
   assert _engine.routed_tile(jnp.ones((1024, 8)), jnp.ones((1024, 8))) is None
   assert _engine.routed_tile(jnp.ones((2048, 8))) == _engine.ROUTE_TILE_ELEMENTS // 2048
@@ -419,3 +420,8 @@ def test_routed_tile_sizes():
   assert _engine.routed_tile(jnp.ones((64, 8)), jnp.ones((1 << 16, 8))) == 1 << 13
   huge = _engine.routed_tile(jax.ShapeDtypeStruct((1 << 20, 8), jnp.float32))
   assert huge == _engine.default_tile(1 << 20, 1 << 20)
+  assert not _grid.in_one_piece(_grid.GRID_ELEMENTS + 1)
+  # The small-buffer paths are for XLA:CPU's allocator; accelerators stay dense.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _engine.routed_tile(jnp.ones((2048, 8))) is None
+  assert _grid.in_one_piece(_grid.GRID_ELEMENTS + 1)

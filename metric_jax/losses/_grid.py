@@ -22,11 +22,18 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-# Largest [B, P, M] grid evaluated in one piece (2 MiB per float32 buffer).
-# XLA:CPU plans one scratch buffer for every branch of the grid choice; past
-# 32 MiB glibc maps it afresh on every call and each page touched faults, so
-# larger grids go in tiles of anchors (angular at B = 512: 12 -> 4 ms).
+# Largest [B, P, M] grid evaluated in one piece on CPU (2 MiB per float32
+# buffer). XLA:CPU plans one scratch buffer for every branch of the grid
+# choice; past 32 MiB glibc maps it afresh on every call and each page
+# touched faults, so larger grids go in tiles of anchors (angular at
+# B = 512: 12 -> 4 ms). Accelerators evaluate every grid in one piece.
 GRID_ELEMENTS = 1 << 19
+
+
+def in_one_piece(grid_elements: int) -> bool:
+  """Whether a grid of ``grid_elements`` entries is evaluated whole (else
+  :func:`over_anchors`): always off CPU, up to :data:`GRID_ELEMENTS` on it."""
+  return jax.default_backend() != "cpu" or grid_elements <= GRID_ELEMENTS
 
 
 def positive_counts(pos: jax.Array) -> jax.Array:

@@ -87,7 +87,7 @@ def _gathered(s, r, pos, neg, k, c, p):
   slot_lse = lambda s_a, idx_a, s_ap_a, valid_a, neg_a: _slot_lse(
       s_a, r[idx_a], s_ap_a, valid_a, neg_a, k, c)
   rows, row_elements = (s, p_idx, s_ap, p_valid, neg), p_idx.shape[1] * m
-  if b * row_elements <= _grid.GRID_ELEMENTS:
+  if _grid.in_one_piece(b * row_elements):
     lse = slot_lse(*rows)
   else:
     lse = _grid.over_anchors(slot_lse, rows, row_elements)

@@ -173,7 +173,7 @@ def _batch_all_gathered(dist, pos, neg, ref_dist, margin, soft, swap, band,
   overflow = jnp.any(_grid.positive_counts(pos) > p)
 
   rows = (dist, p_idx, p_valid, neg)
-  if b * p * m <= _grid.GRID_ELEMENTS:
+  if _grid.in_one_piece(b * p * m):
     terms, mask = _gathered_terms(*rows, ref_dist, margin, soft, swap, band)
     result = reductions.reduce(terms, mask, reduction)
   else:

@@ -45,11 +45,12 @@ TILE_ELEMENTS = 1 << 24
 _MIN_TILE = 16
 
 
-# Dense losses with a streamed twin hand problems of at least this many
-# [B, M] entries to it, in tiles of about ROUTE_TILE_ELEMENTS (2 MiB per
+# On CPU, dense losses with a streamed twin hand problems of at least this
+# many [B, M] entries to it, in tiles of about ROUTE_TILE_ELEMENTS (2 MiB per
 # float32 block). XLA:CPU plans one scratch buffer per call; past 32 MiB
 # (a few [2048, 2048] blocks) glibc maps it afresh on every call and each
 # page touched faults: tiles keep it small (NCA at B = 2048: 51-57 -> 33 ms).
+# Accelerators keep the dense path (small tiles would serialise them).
 ROUTE_MIN_ELEMENTS = 1 << 21
 ROUTE_TILE_ELEMENTS = 1 << 19
 
@@ -58,7 +59,9 @@ def routed_tile(embeddings, ref_embeddings=None) -> int | None:
   """Columns per tile when a dense loss of ``embeddings`` [B, D] against
   ``ref_embeddings`` [M, D] (or itself) should be streamed, or None to
   compute it densely (see :data:`ROUTE_MIN_ELEMENTS`; malformed inputs stay
-  dense, whose checks name the problem)."""
+  dense, whose checks name the problem; only on the CPU backend)."""
+  if jax.default_backend() != "cpu":
+    return None
   shapes = [np.shape(embeddings), np.shape(embeddings if ref_embeddings is None
                                           else ref_embeddings)]
   if any(len(shape) != 2 for shape in shapes):
