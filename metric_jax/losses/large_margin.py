@@ -143,8 +143,9 @@ def _elementwise_with_kept_slope(fn, x: jax.Array, params: tuple) -> jax.Array:
 @_elementwise_with_kept_slope.defjvp
 def _elementwise_with_kept_slope_jvp(fn, primals, tangents):
   (x, params), (x_dot, params_dot) = primals, tangents
-  y, slope = jax.jvp(lambda v: fn(v, *params), (x,), (jnp.ones_like(x),))
-  _, via_params = jax.jvp(lambda *q: fn(x, *q), params, params_dot)
+  y, linear = jax.linearize(fn, x, *params)       # fn evaluated once
+  slope = linear(jnp.ones_like(x), *map(jnp.zeros_like, params))
+  via_params = linear(jnp.zeros_like(x), *params_dot)
   return y, jax.lax.optimization_barrier(slope) * x_dot + via_params
 
 

@@ -33,6 +33,17 @@ def weighted_sets(d, pos, neg, *, margin, Tn, Tp, alpha, pml_compat):  # pylint:
   return [(d - pos_bound, Tp * (d - pos_bound), act_p), (alpha - d, Tn * (alpha - d), act_n)]
 
 
+def masked_log_weights(sets):
+  """``logw`` on the active entries, -inf elsewhere (row maxima give the
+  weights' shifts), per set."""
+  return [jnp.where(active, logw, -jnp.inf) for _, logw, active in sets]
+
+
+def finite_shift(row_max):
+  """The shift from a masked row maximum: 0 for an empty row, NaN kept."""
+  return jnp.where(row_max == -jnp.inf, 0.0, row_max)
+
+
 def weighted_summands(sets, shifts):
   """``[w, w x]`` per set, ``w = exp(logw - shift)`` on the active entries."""
   summands = []
@@ -85,9 +96,8 @@ def _weighted_means(sets, compat, n_cols):
     shifts = [0.0] * len(sets)
   else:
     # Masked row maxima; empty rows (-inf) get 0, NaN stays NaN.
-    shifts = reductions.fused_maxima(
-        [jnp.where(active, logw, -jnp.inf) for _, logw, active in sets], axis=1)
-    shifts = [jnp.where(s == -jnp.inf, 0.0, s)[:, None] for s in shifts]
+    shifts = reductions.fused_maxima(masked_log_weights(sets), axis=1)
+    shifts = [finite_shift(s)[:, None] for s in shifts]
   sums = reductions.fused_sums(weighted_summands(sets, shifts), axis=1)
   return [weighted_mean(den, num, compat, n_cols) for den, num in zip(sums[::2], sums[1::2])]
 

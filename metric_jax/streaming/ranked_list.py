@@ -75,12 +75,12 @@ def streaming_ranked_list_loss(
     shifts = (0.0, 0.0)
   else:
     def running_max(carry, rows, cols):
-      return tuple(jnp.maximum(c, jnp.max(jnp.where(active, logw, -jnp.inf), axis=1))
-                   for c, (_, logw, active) in zip(carry, tile_sets(rows, cols)))
+      logws = dense.masked_log_weights(tile_sets(rows, cols))
+      return tuple(jnp.maximum(c, jnp.max(logw, axis=1)) for c, logw in zip(carry, logws))
 
     maxima = eng.scan_tiles(running_max, (jnp.full((b,), -jnp.inf),) * 2, inp.rows,
                             inp.cols, tile)
-    shifts = tuple(jnp.where(m == -jnp.inf, 0.0, m) for m in maxima)
+    shifts = tuple(dense.finite_shift(m) for m in maxima)
   rows = dict(inp.rows, shift_p=shifts[0] + jnp.zeros((b,)),
               shift_n=shifts[1] + jnp.zeros((b,)))
 
