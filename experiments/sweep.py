@@ -63,17 +63,21 @@ LOSS_GRIDS: dict[str, tuple[str, tuple, dict[str, Any]]] = {
     "instance_loss": ("gamma", (32.0, 64.0), {}),
     "large_margin_softmax_loss": ("margin", (2, 4), {}),
     "lifted_structure_loss": ("neg_margin", (0.5, 1.0, 1.5), {"pos_margin": 0.0}),
+    "manifold_loss": ("margin", (5e-4, 0.05), {}),          # one proxy per class
     "margin_loss": ("margin", (0.1, 0.2), {}),               # beta learned, init 1.2
     "multi_similarity_loss": ("base", (0.5, 0.8), {"alpha": 2.0, "beta": 50.0}),
     "nca_loss": ("softmax_scale", (1.0, 10.0), {}),
     "normalized_softmax_loss": ("temperature", (0.05, 0.1), {}),
     "npair_loss": ("l2_reg", (0.002,), {}),
+    "p2sgrad_loss": ("detach_weight_norm", (False,), {}),
+    "pnp_loss": ("anneal", (0.01, 0.05), {}),
     "ntxent_loss": ("temperature", (0.07, 0.2), {}),
     "proxy_anchor_loss": ("margin", (0.1, 0.2), {"alpha": 32.0}),
     "proxy_nca_loss": ("softmax_scale", (3.0, 9.0), {}),
     "quadruplet_loss": ("margin1", (0.2, 0.4), {"margin2": 0.1}),
     "ranked_list_loss": ("margin", (0.2, 0.4), {}),
     "snr_contrastive_loss": ("neg_margin", (0.5, 1.0), {"pos_margin": 0.0}),
+    "smooth_ap_loss": ("temperature", (0.01, 0.05), {}),
     "soft_triple_loss": ("margin", (0.01, 0.05), {}),
     "sphereface_loss": ("margin", (2, 4), {}),
     "subcenter_arcface_loss": ("margin", (0.3, 0.5), {"scale": 64.0}),
@@ -90,6 +94,11 @@ SKIPPED: dict[str, str] = {
                    "(experiments/magnet), not plain (embeddings, labels) batches",
     "intra_pair_variance_loss": "a variance regulariser meant to be added to another "
                                 "loss; alone it has no term separating classes",
+    "threshold_consistent_margin_loss": "a regulariser of the similarity thresholds, "
+                                        "meant to be added to another loss",
+    "dynamic_soft_margin_loss": "its running histogram is state carried from step to "
+                                "step (return_histogram=True), which the objective does "
+                                "not thread; use it in a custom loop",
     "lp_regularizer": "a regulariser (embedding norm), not a metric-learning loss",
     "zero_mean_regularizer": "a regulariser, not a metric-learning loss",
 }
