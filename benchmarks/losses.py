@@ -4,6 +4,7 @@
     python benchmarks/losses.py --compare-pml       # plus PML's equivalent loss and the speed ratio
     python benchmarks/losses.py --only triplet --batch 512 --dim 128
     python benchmarks/losses.py --compare-pml --exact --only nca margin --pml-timeout 300
+    python benchmarks/losses.py --compare-pml --batch 512 2048 --dim 128 --rounds 3  # the published table
 
 Inputs: PK batches (4 samples per class), Gaussian embeddings, L2-normalised
 for both libraries when the case says so. JAX: ``jax.jit(jax.value_and_grad)``
@@ -11,7 +12,11 @@ timed after compilation and one warm-up call; memory is the compiled
 executable's planned peak (arguments + outputs + temporaries). PML: the same
 inputs as torch tensors, ``loss.backward()``, median wall time; a PML case
 that runs past ``--pml-timeout`` seconds (warm-up and timed calls together)
-is reported as not finished.
+is reported as not finished. ``--rounds N`` times each case N times, the two
+libraries taking turns, and keeps each library's fastest median: both see
+the same machine states. PML's times also depend on what ran before in the
+process (its tensors reuse the heap that earlier cases grew), so compare
+ratios from one run.
 """
 
 from __future__ import annotations
