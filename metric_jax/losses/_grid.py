@@ -12,7 +12,8 @@ PK batch) the grid is [B, P, M] instead of [B, M, M]:
   ladder of static sizes that holds every anchor's positives, and a
   fallback when none does;
 * :func:`over_anchors` evaluates a grid larger than :data:`GRID_ELEMENTS`
-  entries in tiles of anchors.
+  entries in tiles of anchors; :func:`over_every_anchor` picks it or the
+  one-piece evaluation.
 """
 
 from __future__ import annotations
@@ -132,3 +133,13 @@ def over_anchors(per_anchor: Callable, rows: Sequence[jax.Array], row_elements: 
     return jax.tree.map(lambda v: v[0], per_anchor(*(v[None] for v in args)))
 
   return jax.lax.map(one, tuple(rows), batch_size=max(1, GRID_ELEMENTS // max(row_elements, 1)))
+
+
+def over_every_anchor(per_anchor: Callable, rows: Sequence[jax.Array], row_elements: int):
+  """``per_anchor(*rows)`` for every anchor at once when the whole grid
+  (B x ``row_elements`` entries) may be evaluated in one piece
+  (:func:`in_one_piece`), else :func:`over_anchors` (same arguments, same
+  result)."""
+  if in_one_piece(rows[0].shape[0] * row_elements):
+    return per_anchor(*rows)
+  return over_anchors(per_anchor, rows, row_elements)

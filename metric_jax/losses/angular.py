@@ -80,17 +80,14 @@ def _gathered(s, r, pos, neg, k, c, p):
   masked log-sum-exp over a [B, p, M] (positive x negative) grid. Anchors
   with more than ``p`` positives get NaN terms (never a silent truncation).
 
-  Large grids go in tiles of anchors (:func:`_grid.over_anchors`)."""
+  Large grids go in tiles of anchors (:func:`_grid.over_every_anchor`)."""
   b, m = s.shape
   p_idx, p_valid = _grid.first_positive_columns(pos, min(p, m))          # [B, p]
   s_ap = jnp.take_along_axis(s, p_idx, axis=1)                           # [B, p]
   slot_lse = lambda s_a, idx_a, s_ap_a, valid_a, neg_a: _slot_lse(
       s_a, r[idx_a], s_ap_a, valid_a, neg_a, k, c)
   rows, row_elements = (s, p_idx, s_ap, p_valid, neg), p_idx.shape[1] * m
-  if _grid.in_one_piece(b * row_elements):
-    lse = slot_lse(*rows)
-  else:
-    lse = _grid.over_anchors(slot_lse, rows, row_elements)
+  lse = _grid.over_every_anchor(slot_lse, rows, row_elements)
   terms = jnp.zeros((b, m), lse.dtype).at[jnp.arange(b)[:, None], p_idx].add(lse)
   overflow = _grid.positive_counts(pos) > p
   return jnp.where(overflow[:, None], jnp.nan, terms)

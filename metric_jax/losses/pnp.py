@@ -71,12 +71,11 @@ def _with_self(v, valid, s_self, self_valid):
 
 
 def _sums(slot_sums, s_neg, v, valid, whole):
-  """:func:`_slot_sums` over all anchors: in one piece when ``whole`` allows
-  it (:func:`_grid.in_one_piece`), else in tiles of anchors."""
+  """:func:`_slot_sums` over all anchors: as :func:`_grid.over_every_anchor`
+  when ``whole``, else always in tiles of anchors."""
   rows, row_elements = (s_neg, v, valid), v.shape[1] * s_neg.shape[1]
-  if whole and _grid.in_one_piece(s_neg.shape[0] * row_elements):
-    return slot_sums(*rows)
-  return _grid.over_anchors(slot_sums, rows, row_elements)
+  evaluate = _grid.over_every_anchor if whole else _grid.over_anchors
+  return evaluate(slot_sums, rows, row_elements)
 
 
 def _self_similarity(matrix, embeddings, where, ref_embeddings, distance, sign):

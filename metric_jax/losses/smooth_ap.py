@@ -49,12 +49,9 @@ def _precision_sums(z, z_slots, slot_valid, neg):
 def _slot_sums(z, slot_index, slot_valid, neg):
   """:func:`_precision_sums` for the slots ``slot_index`` [B, P] (columns of
   ``z``), in one piece or in tiles of anchors."""
-  b, m = z.shape
   rows = (z, jnp.take_along_axis(z, slot_index, axis=1), slot_valid, neg)
-  row_elements = slot_index.shape[1] * (m + slot_index.shape[1])
-  if _grid.in_one_piece(b * row_elements):
-    return _precision_sums(*rows)
-  return _grid.over_anchors(_precision_sums, rows, row_elements)
+  row_elements = slot_index.shape[1] * (z.shape[1] + slot_index.shape[1])
+  return _grid.over_every_anchor(_precision_sums, rows, row_elements)
 
 
 def _gathered(z, pos, neg, p):
