@@ -18,7 +18,6 @@ from metric_jax import reductions
 from metric_jax.losses import large_margin as _cls
 
 _REDUCTIONS = ("mean", "sum", "none")
-_HIGHEST = jax.lax.Precision.HIGHEST
 _NUMBERS = (int, float, np.number)  # concrete hyper-parameters (not traced)
 
 
@@ -124,15 +123,6 @@ def _random_walk(affinity: jax.Array, alpha) -> jax.Array:
   eye = jnp.eye(affinity.shape[0], dtype=jnp.float32)
   system = eye - alpha * (scale[:, None] * affinity * scale[None, :])
   return (1.0 - alpha) * jnp.linalg.solve(system, eye)
-
-
-def _cosines(rows: jax.Array, others: jax.Array) -> jax.Array:
-  """[N, K] cosine similarities between the rows of two matrices (all rows
-  of F are non-zero: F_ii >= 1 - alpha)."""
-  dots = jnp.matmul(rows, others.T, precision=_HIGHEST)
-  inv_rows = jax.lax.rsqrt(jnp.sum(rows * rows, axis=1))
-  inv_others = jax.lax.rsqrt(jnp.sum(others * others, axis=1))
-  return dots * inv_rows[:, None] * inv_others[None, :]
 
 
 def _softplus_terms(sims, own: jax.Array, margin, violating_only: bool):
@@ -253,7 +243,7 @@ def manifold_loss(embeddings: jax.Array, labels: jax.Array | None,
                                   distance, temperature), alpha)
   own = _cls._one_hot(_cls._masked_labels(labels, where), k)
   context_only = isinstance(lambda_c, _NUMBERS) and math.isinf(lambda_c)
-  context = _cosines(walk[:b], walk[b:])
+  context = distances_lib.pairwise(walk[:b], walk[b:], "cosine")   # rows of F are non-zero
   if context_only:
     (terms,) = _softplus_terms([context], own, margin, violating_only)
   else:
