@@ -29,3 +29,14 @@ class Case:
   pml_loss: Callable[..., Any] | None = None
   make_params: Callable[..., Any] | None = None
   normalize: bool = True
+
+
+def pml_loss(name: str, **kwargs) -> Callable[[int, int], Any]:
+  """A ``Case.pml_loss`` that builds ``pytorch_metric_learning.losses.<name>(**kwargs)``
+  (the class count and dimension unused); the import is deferred so the cases
+  load without the compare extra."""
+  def build(num_classes, dim):
+    del num_classes, dim
+    from pytorch_metric_learning import losses  # pylint: disable=import-outside-toplevel
+    return getattr(losses, name)(**kwargs)
+  return build

@@ -8,7 +8,7 @@ distribution; PML's ``[D, C]`` weight is the transpose of ours), and both
 are differentiated.
 """
 
-from benchmarks.loss_cases import Case
+from benchmarks.loss_cases import Case, pml_loss
 import metric_jax as mj
 
 
@@ -17,17 +17,11 @@ def _pml_p2sgrad(num_classes, dim):
   return losses.P2SGradLoss(descriptors_dim=dim, num_classes=num_classes)
 
 
-def _pml_tcm(num_classes, dim):
-  del num_classes, dim
-  from pytorch_metric_learning import losses  # pylint: disable=import-outside-toplevel
-  return losses.ThresholdConsistentMarginLoss()
-
-
 CASES = [
     Case("p2sgrad",
          lambda e, l, p: mj.losses.p2sgrad_loss(e, l, detach_weight_norm=True, **p),
          _pml_p2sgrad, make_params=mj.losses.init_p2sgrad, normalize=False),
     Case("threshold_consistent_margin",
          lambda e, l, p: mj.losses.threshold_consistent_margin_loss(e, l),
-         _pml_tcm, normalize=False),
+         pml_loss("ThresholdConsistentMarginLoss"), normalize=False),
 ]

@@ -12,15 +12,7 @@ from __future__ import annotations
 
 import metric_jax as mj
 from benchmarks.loss_cases import Case
-
-
-def _pml(name, **kw):
-  """Defers the PML import so the cases load without the compare extra."""
-  def build(num_classes, dim):
-    del num_classes, dim
-    from pytorch_metric_learning import losses  # pylint: disable=import-outside-toplevel
-    return getattr(losses, name)(**kw)
-  return build
+from benchmarks.loss_cases import pml_loss
 
 
 def _triplet_center(emb, labels, params):
@@ -30,13 +22,13 @@ def _triplet_center(emb, labels, params):
 CASES = [
     Case("lifted structure",
          lambda e, l, p: mj.losses.lifted_structure_loss(e, l, empty_lse="zero"),
-         _pml("LiftedStructureLoss")),
+         pml_loss("LiftedStructureLoss")),
     Case("generalized lifted structure",
          lambda e, l, p: mj.losses.generalized_lifted_structure_loss(e, l, empty_lse="zero"),
-         _pml("GeneralizedLiftedStructureLoss")),
+         pml_loss("GeneralizedLiftedStructureLoss")),
     Case("npair",
          lambda e, l, p: mj.losses.npair_loss(e, l, l2_reg=0.0),
-         _pml("NPairsLoss")),
+         pml_loss("NPairsLoss")),
     Case("quadruplet",
          lambda e, l, p: mj.losses.quadruplet_loss(e, l, margin1=0.2, margin2=0.1)),
     Case("triplet-center", _triplet_center, make_params=mj.losses.init_triplet_center),

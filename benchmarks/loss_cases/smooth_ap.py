@@ -6,17 +6,11 @@ classes (K == C samples per class, sorted); on the benchmark's PK batches
 (K = 4) PML ranks blocks of B / 4 rows instead, at the same O(B^3) cost, so
 the timings compare like with like (see the loss docstring)."""
 
-from benchmarks.loss_cases import Case
+from benchmarks.loss_cases import Case, pml_loss
 import metric_jax as mj
-
-
-def _pml_smooth_ap(num_classes, dim):
-  del num_classes, dim
-  from pytorch_metric_learning import losses  # pylint: disable=import-outside-toplevel
-  return losses.SmoothAPLoss()
 
 
 CASES = [
     Case("smooth_ap", lambda e, l, p: mj.losses.smooth_ap_loss(e, l, include_self=True),
-         _pml_smooth_ap),
+         pml_loss("SmoothAPLoss")),
 ]
