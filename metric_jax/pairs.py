@@ -121,6 +121,11 @@ class PairwiseProblem(NamedTuple):
     matrix: [B, M] float32 distances or similarities.
     is_similarity: True if ``matrix`` holds similarities.
     masks: :class:`PairMasks`.
+    symmetric: True when ``matrix`` came from
+      :func:`metric_jax.distances.self_pairwise_for_symmetric_loss` (see
+      ``prepare(symmetric=True)``): its gradient is exact only for a
+      symmetric cotangent, e.g. the one of
+      :func:`metric_jax.reductions.symmetric_masked_logsumexps`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -131,6 +136,7 @@ class PairwiseProblem(NamedTuple):
   matrix: jax.Array
   is_similarity: bool
   masks: PairMasks
+  symmetric: bool = False
 
 
 def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None,
@@ -228,7 +234,10 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
     pair_mask: optional [B, M] bool restriction of the pairs (miners).
     symmetric: the caller's loss weighs pair ``(i, j)`` exactly as
       ``(j, i)`` (global sums or means over pair masks, no per-anchor
-      normalisation). When the batch is compared with itself under a
+      normalisation), or reads the matrix only through functions that
+      return a symmetric cotangent
+      (:func:`metric_jax.reductions.symmetric_masked_logsumexps` when
+      ``PairwiseProblem.symmetric``). When the batch is compared with itself under a
       built-in metric, with no ``pair_mask`` and no separate ``ref_where``,
       the matrix then comes from
       :func:`metric_jax.distances.self_pairwise_for_symmetric_loss`, whose
@@ -253,9 +262,11 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
                    and isinstance(distance, str))
     matrix = (distances_lib.self_pairwise_for_symmetric_loss(x, distance) if one_product
               else distances_lib.pairwise(x, None, distance))
+    symmetric = one_product
   else:
     y = zero_invalid_rows(ref_embeddings, ref_where)
     matrix = distances_lib.pairwise(x, y, distance)
+    symmetric = False
   masks = label_masks(labels, ref_labels, where=where, ref_where=ref_where,
                       pair_mask=pair_mask)
-  return PairwiseProblem(matrix, is_sim, masks)
+  return PairwiseProblem(matrix, is_sim, masks, symmetric)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from metric_jax import _checks
 
 __all__ = ["REDUCTIONS", "check", "fused_sums", "keep_nan", "fused_maxima", "masked_logsumexp",
-           "masked_logsumexps", "masked_max", "masked_min", "per_anchor_mean", "reduce", "reduce_parts"]
+           "masked_logsumexps", "masked_max", "masked_min", "per_anchor_mean", "reduce", "reduce_parts",
+           "symmetric_masked_logsumexps"]
 
 REDUCTIONS = ("mean", "mean_nonzero", "sum", "none")
 """The ``reduction=`` values every loss accepts (see the module docstring)."""
@@ -421,6 +422,78 @@ def masked_logsumexps(x, masks, axis: int = -1,
     lse = jnp.log(safe_total) + shift
     lses.append(lse if include_zero else jnp.where(nonempty, lse, 0.0))
   return lses, nonempties
+
+
+def symmetric_masked_logsumexps(x: jax.Array, masks) -> tuple[list, list]:
+  """:func:`masked_logsumexps` over the rows of a symmetric matrix, with the
+  symmetric part of the gradient.
+
+  ``x`` is a [B, B] matrix with ``x_ij = x_ji`` (logits over a batch
+  compared with itself) and every mask is symmetric too. The values are
+  those of ``masked_logsumexps(x, masks)``. The cotangent returned for ``x``
+  is ``(G + G^T) / 2``, where ``G`` is the true one,
+  ``G_ij = c_i [mask_ij] exp(x_ij - lse_i)`` for a row cotangent ``c``: it
+  gives every symmetric perturbation of ``x`` the same first-order change,
+  and it is built element by element (``x_ji`` is ``x_ij``), with no
+  transpose. Paired with a matrix from
+  :func:`metric_jax.distances.self_pairwise_for_symmetric_loss` (which
+  expects a symmetric cotangent), a row-softmax loss then pulls its gradient
+  back to the embeddings with one [B, B] x [B, D] product instead of two.
+  Anything else that reads ``x`` must be symmetric in ``(i, j)`` as well.
+
+  Only first-order reverse mode is specialised (a ``jax.custom_vjp``):
+  forward-mode derivatives of the result are not available.
+
+  Args:
+    x: [B, B] float array, symmetric.
+    masks: sequence of [B, B] bool arrays, each symmetric.
+
+  Returns:
+    ``(lses, nonempties)``: two lists of [B] arrays, one entry per mask, as
+    :func:`masked_logsumexps` with ``axis=-1``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([[0., 1., 2.], [1., 0., 3.], [2., 3., 0.]])
+    >>> off = ~jnp.eye(3, dtype=bool)
+    >>> f = lambda fn: lambda x: fn(x, [off])[0][0].sum()
+    >>> g = jax.grad(f(symmetric_masked_logsumexps))(x)
+    >>> bool(jnp.allclose(g, g.T)), bool(jnp.allclose(g, (lambda t: (t + t.T) / 2)(
+    ...     jax.grad(f(masked_logsumexps))(x))))
+    (True, True)
+  """
+  x = jnp.asarray(x).astype(jnp.float32)
+  if x.ndim != 2 or x.shape[0] != x.shape[1]:
+    raise ValueError(f"symmetric_masked_logsumexps: x must be a square [B, B] matrix, "
+                     f"got shape {x.shape}")
+  masks = [jnp.broadcast_to(m, x.shape) for m in masks]
+  lses, nonempties = _symmetric_lses(x, masks)
+  return list(lses), list(nonempties)
+
+
+@jax.custom_vjp
+def _symmetric_lses(x, masks):
+  lses, nonempties = masked_logsumexps(x, masks)
+  return tuple(lses), tuple(nonempties)
+
+
+def _symmetric_lses_fwd(x, masks):
+  lses, nonempties = _symmetric_lses(x, masks)
+  return (lses, nonempties), (x, masks, lses)
+
+
+def _symmetric_lses_bwd(residuals, cotangents):
+  x, masks, lses = residuals
+  total = jnp.zeros_like(x)
+  for mask, lse, c in zip(masks, lses, cotangents[0]):
+    # Row i's softmax weight of j, and row j's of i (x_ji = x_ij).
+    by_row = jnp.exp(jnp.where(mask, x - lse[:, None], -jnp.inf)) * c[:, None]
+    by_col = jnp.exp(jnp.where(mask, x - lse[None, :], -jnp.inf)) * c[None, :]
+    total = total + jnp.where(mask, by_row + by_col, 0.0)
+  return 0.5 * total, [None] * len(masks)
+
+
+_symmetric_lses.defvjp(_symmetric_lses_fwd, _symmetric_lses_bwd)
 
 
 def masked_max(x: jax.Array, mask: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:

@@ -19,6 +19,18 @@ HAS_PML = (importlib.util.find_spec("torch") is not None
            and importlib.util.find_spec("pytorch_metric_learning") is not None)
 
 
+def np_gradient(fn, x, eps: float = 1e-6) -> np.ndarray:
+  """Central differences of a float64 function (a loop reference) of an
+  array: the gradient a loss's ``jax.grad`` is checked against."""
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  for idx in np.ndindex(x.shape):
+    step = np.zeros_like(x)
+    step[idx] = eps
+    grad[idx] = (fn(x + step) - fn(x - step)) / (2 * eps)
+  return grad
+
+
 def label_layouts(b: int = 12):
   """Named [b] label arrays: m-per-class, mixed with singletons, one class,
   all singletons (no positive pair)."""

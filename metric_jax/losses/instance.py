@@ -102,21 +102,27 @@ def instance_loss(embeddings: jax.Array, labels: jax.Array,
   target = valid_cols[jnp.clip(rank, 0, valid.shape[0] - 1)]
   tile = streaming_engine.routed_tile(embeddings)
   if tile is None:
-    logits = gamma * pairs.prepare(embeddings, labels, distance=distance, where=where).matrix
-    lse, _ = reductions.masked_logsumexp(logits, jnp.broadcast_to(valid, logits.shape))
-    picked = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
+    # The logits are symmetric and only their row log-sum-exps read them:
+    # the gradient takes one [B, B] x [B, D] product.
+    problem = pairs.prepare(embeddings, labels, distance=distance, where=where,
+                            symmetric=True)
+    logits = gamma * problem.matrix
+    logsumexps = (reductions.symmetric_masked_logsumexps if problem.symmetric
+                  else reductions.masked_logsumexps)
+    (lse,), _ = logsumexps(logits, [valid[:, None] & valid[None, :]])
   else:
     # Large batches: the log-sum-exps over column tiles (small buffers).
-    lse, picked = _streamed_logits(embeddings, valid, target, gamma, distance, tile)
+    lse = _streamed_lse(embeddings, valid, gamma, distance, tile)
+  x = pairs.zero_invalid_rows(embeddings, valid).astype(jnp.float32)
+  picked = gamma * distances_lib.paired(x, x[target], distance)
   terms = jnp.where(valid, lse - picked, 0.0)
   # A NaN logit makes its row's lse NaN: keep it visible in every reduction.
   return reductions.keep_nan(reductions.reduce(terms, valid, reduction), lse, valid)
 
 
-def _streamed_logits(embeddings, valid, target, gamma, distance, tile):
-  """[B] ``LSE_j gamma s_ij`` over the valid columns (streamed over tiles of
-  ``tile`` columns) and [B] target logits ``gamma s_{i, target_i}``, each
-  pair evaluated by the dense loss's metric."""
+def _streamed_lse(embeddings, valid, gamma, distance, tile):
+  """[B] ``LSE_j gamma s_ij`` over the valid columns, streamed over tiles of
+  ``tile`` columns, each pair evaluated by the dense loss's metric."""
   x = pairs.zero_invalid_rows(embeddings, valid).astype(jnp.float32)
 
   def fn(rows, cols):
@@ -126,4 +132,4 @@ def _streamed_logits(embeddings, valid, target, gamma, distance, tile):
 
   _, (lse,) = streaming_engine.stream(fn, {"x": x, "valid": valid}, {"y": x, "valid": valid},
                                       tile)
-  return lse, gamma * distances_lib.paired(x, x[target], distance)
+  return lse

@@ -74,13 +74,16 @@ def nca_loss(embeddings: jax.Array, labels: jax.Array,
         embeddings, labels, ref_embeddings, ref_labels, softmax_scale=softmax_scale,
         distance=distance, reduction=reduction, where=where, ref_where=ref_where,
         pair_mask=pair_mask, tile_size=tile)
+  # A batch against itself: symmetric logits and masks, so the gradient
+  # takes one [B, B] x [B, D] product (reductions.symmetric_masked_logsumexps).
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
-                          pair_mask=pair_mask)
+                          pair_mask=pair_mask, symmetric=True)
   mat, masks = problem.matrix, problem.masks
   z = softmax_scale * (mat if problem.is_similarity else -mat)
-  (lse_all, lse_pos), (_, has_p) = reductions.masked_logsumexps(
-      z, [masks.pos | masks.neg, masks.pos])
+  logsumexps = (reductions.symmetric_masked_logsumexps if problem.symmetric
+                else reductions.masked_logsumexps)
+  (lse_all, lse_pos), (_, has_p) = logsumexps(z, [masks.pos | masks.neg, masks.pos])
   terms = jnp.where(has_p, lse_all - lse_pos, 0.0)
   # A NaN entry makes its row's lse_all NaN; keep it visible in the loss
   # even when that row has no positive.

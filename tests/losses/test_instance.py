@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import metric_jax as mj
-from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_normalize,
-                           np_pairwise, random_embeddings)
+from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_gradient,
+                           np_normalize, np_pairwise, random_embeddings)
 
 
 def instance_np(emb, labels, gamma=64.0, reduction="mean", where=None):
@@ -54,6 +54,19 @@ def test_instance_labels_target_self_and_where():
   want = np.mean([np.log(np.exp(s[i]).sum()) - s[i, i] for i in range(10)])
   np.testing.assert_allclose(mj.losses.instance_loss(emb, np.arange(10), gamma=8.0), want,
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["m_per_class", "with_singletons", "all_singletons"])
+def test_gradient_matches_loop_reference(layout):
+  # Dense path: symmetric logits, one product in the backward pass.
+  emb = random_embeddings(4, 12, 5)
+  labels = label_layouts()[layout]
+  where = np.array([True] * 9 + [False] * 3)
+  for kw in ({"gamma": 4.0}, {"gamma": 16.0, "reduction": "sum"}, {"gamma": 8.0, "where": where}):
+    got = jax.jit(jax.grad(lambda e: mj.losses.instance_loss(e, labels, **kw)))(emb)
+    want = np_gradient(lambda e: instance_np(e, labels, **kw), emb)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * np.abs(want).max(),
+                               err_msg=str(kw))
 
 
 def routed(monkeypatch):

@@ -10,8 +10,8 @@ import pytest
 
 import metric_jax as mj
 from metric_jax.losses import manifold as manifold_lib
-from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_pairwise,
-                           random_embeddings)
+from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_gradient,
+                           np_pairwise, random_embeddings)
 
 K, D = 12, 5
 
@@ -127,17 +127,6 @@ def test_contract():
   check_loss_contract(loss, zero_without_positives=False, grad_loss_fn=smooth)
 
 
-def _np_gradient(fn, x, eps=1e-6):
-  """Central differences of a float64 function of an array."""
-  x = np.asarray(x, np.float64)
-  grad = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    step = np.zeros_like(x)
-    step[idx] = eps
-    grad[idx] = (fn(x + step) - fn(x - step)) / (2 * eps)
-  return grad
-
-
 def test_gradients_wrt_embeddings_and_proxies_and_half_precision():
   emb = jnp.asarray(random_embeddings(8, 12, D))
   labels = jnp.asarray(label_layouts()["with_singletons"])
@@ -146,8 +135,8 @@ def test_gradients_wrt_embeddings_and_proxies_and_half_precision():
   kw = {"alpha": 0.6, "violating_only": False}
   g_e, g_p = jax.grad(lambda e, p: mj.losses.manifold_loss(e, labels, proxies=p, **kw),
                       argnums=(0, 1))(emb, proxies)
-  want_e = _np_gradient(lambda e: manifold_np(e, labels, proxies, **kw), emb)
-  want_p = _np_gradient(lambda p: manifold_np(emb, labels, p, **kw), proxies)
+  want_e = np_gradient(lambda e: manifold_np(e, labels, proxies, **kw), emb)
+  want_p = np_gradient(lambda p: manifold_np(emb, labels, p, **kw), proxies)
   top = max(np.abs(want_e).max(), np.abs(want_p).max())
   np.testing.assert_allclose(g_e, want_e, rtol=1e-3, atol=1e-4 * top)
   np.testing.assert_allclose(g_p, want_p, rtol=1e-3, atol=1e-4 * top)

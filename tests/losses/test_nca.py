@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import metric_jax as mj
-from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_normalize,
-                           np_pairwise, random_embeddings)
+from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_gradient,
+                           np_normalize, np_pairwise, random_embeddings)
 
 
 def nca_np(emb, labels, ref=None, ref_labels=None, softmax_scale=1.0,
@@ -50,6 +50,30 @@ def test_matches_loop_reference(layout, metric):
                                reduction=reduction)
       want = nca_np(emb, labels, softmax_scale=scale, metric=metric, reduction=reduction)
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["m_per_class", "with_singletons", "one_class"])
+@pytest.mark.parametrize("metric", ["squared_euclidean", "euclidean", "cosine", "dot"])
+def test_gradient_matches_loop_reference(layout, metric):
+  # A batch against itself takes the symmetric-cotangent path (one product
+  # in the backward pass); the reference set, padding and a pair mask take
+  # the plain one. Both against central differences of the float64 loop.
+  emb = random_embeddings(3, 12, 5)
+  labels = label_layouts()[layout]
+  where = np.array([True] * 10 + [False] * 2)
+  cases = [({}, {}), ({"where": where}, {"where": where}),
+           ({"reduction": "sum", "softmax_scale": 3.0}, {"reduction": "sum", "softmax_scale": 3.0}),
+           ({"pair_mask": jnp.asarray(_PAIR_MASK)}, {"pair_mask": _PAIR_MASK}),
+           ({"ref_embeddings": emb[::-1] + 0.1, "ref_labels": labels[::-1]},
+            {"ref": np.asarray(emb[::-1] + 0.1, np.float64), "ref_labels": labels[::-1]})]
+  for kw, np_kw in cases:
+    got = jax.jit(jax.grad(lambda e: mj.losses.nca_loss(e, labels, distance=metric, **kw)))(emb)
+    want = np_gradient(lambda e: nca_np(e, labels, metric=metric, **np_kw), emb)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * np.abs(want).max(),
+                               err_msg=str(sorted(kw)))
+
+
+_PAIR_MASK = np.random.default_rng(5).random((12, 12)) < 0.7
 
 
 @pytest.mark.parametrize("metric", ["squared_euclidean", "euclidean", "cosine", "dot"])
