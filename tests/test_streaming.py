@@ -259,6 +259,34 @@ def test_hyper_parameter_and_learned_metric_gradients():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("distance", ["squared_euclidean", "cosine"])
+def test_symmetric_stream_gradients(distance):
+  """A batch against itself with a built-in metric takes the symmetric
+  backward pass (one product per tile): the embeddings' gradient and a
+  traced temperature's equal the dense loss's, and the plain stream's."""
+  from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(random_embeddings(6, B, D))
+  where = jnp.arange(B) < B - 2
+  labels = jnp.asarray(label_layouts(B)["with_singletons"])
+
+  def grads(fn, **kw):
+    loss = lambda e, s: fn(e, labels, softmax_scale=s, distance=distance, where=where, **kw)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, 1.7)
+
+  dense = grads(L.nca_loss)
+  symmetric = grads(st.streaming_nca_loss, tile_size=5)
+  plain_stream = _engine.stream
+  try:
+    _engine.stream = lambda *args, **kwargs: plain_stream(*args, **{**kwargs, "symmetric": False})
+    plain = grads(st.streaming_nca_loss, tile_size=5)
+  finally:
+    _engine.stream = plain_stream
+  assert float(dense[1]) != 0
+  for got in (symmetric, plain):
+    for a, b in zip(got, dense):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
 def test_ids_exclude_self_pairs_in_a_reference_copy():
   """A reference set that contains the anchors themselves, with ids, equals
   the batch compared with itself."""

@@ -130,6 +130,8 @@ def _streamed_lse(embeddings, valid, gamma, distance, tile):
     members = rows["valid"][:, None] & cols["valid"][None, :]
     return {}, (streaming_engine.Lse(logits, members),)
 
+  # The batch against itself: symmetric logits (one product per tile in
+  # the backward pass) unless the metric is a user's callable.
   _, (lse,) = streaming_engine.stream(fn, {"x": x, "valid": valid}, {"y": x, "valid": valid},
-                                      tile)
+                                      tile, symmetric=isinstance(distance, str))
   return lse

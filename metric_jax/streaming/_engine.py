@@ -208,12 +208,14 @@ def _with_float_consts(flags, consts, kd):
   return [next(it) if f else k for f, k in zip(flags, consts)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stream(fn, rd, rn, cd, cn, consts):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _stream(fn, symmetric, rd, rn, cd, cn, consts):
+  del symmetric
   return _forward(fn, rd, rn, cd, cn, consts)
 
 
-def _stream_fwd(fn, rd, rn, cd, cn, consts):
+def _stream_fwd(fn, symmetric, rd, rn, cd, cn, consts):
+  del symmetric
   n_tiles = jax.tree.leaves((cd, cn))[0].shape[0]
   flags, kd0 = _float_consts(consts)
   if n_tiles == 1:
@@ -234,7 +236,7 @@ def _none_like(tree):
   return jax.tree.map(lambda _: None, tree)
 
 
-def _stream_bwd(fn, res, g):
+def _stream_bwd(fn, symmetric, res, g):
   vjp_fn, rest = res
   if vjp_fn is not None:
     rn, cn, consts = rest
@@ -246,6 +248,8 @@ def _stream_bwd(fn, res, g):
 
   rd, rn, cd, cn, consts, lse_vals = rest
   g_sums, g_lse = g
+  if symmetric:
+    return _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_lse)
   flags, kd0 = _float_consts(consts)
 
   def recompute(rd_, cd_t, kd, cn_t):
@@ -273,6 +277,47 @@ def _stream_bwd(fn, res, g):
   return r_bar, _none_like(rn), c_bar, _none_like(cn), consts_bar
 
 
+def _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_lse):
+  """The backward pass of a symmetric stream (see :func:`stream`).
+
+  On the tile of columns T, row i's log-sum-exp k gives its logits the
+  cotangent ``G_iT = c_i mask exp(z_iT - LSE_i)``; as ``z`` and the masks
+  are symmetric, the transposed block ``G_Ti^T`` is
+  ``c_T mask exp(z_iT - LSE_T)`` with the columns' own statistics: the sum
+  ``G + G^T`` is formed element by element and pulled back through the rows
+  alone, which is the whole embedding gradient (the columns' role mirrors
+  the rows'). One product per tile instead of two; the constants' cotangent
+  is half of that pull-back.
+  """
+  flags, kd0 = _float_consts(consts)
+  n_tiles, tile = jax.tree.leaves(cd)[0].shape[:2]
+
+  def by_tile(v):  # [B] per anchor -> [n_tiles, T] per column (padding 0)
+    v = v.astype(jnp.float32)
+    return jnp.pad(v, (0, n_tiles * tile - v.shape[0])).reshape(n_tiles, tile)
+
+  def logits(rd_, kd, cd_t, cn_t):
+    _, lses = fn(rd_, rn, cd_t, cn_t, *_with_float_consts(flags, consts, kd))
+    return tuple(l.logits.astype(jnp.float32) for l in lses), tuple(l.mask for l in lses)
+
+  def body(carry, tile_in):
+    cd_t, cn_t, col_lse, col_g = tile_in
+    zs, vjp, masks = jax.vjp(lambda a, k: logits(a, k, cd_t, cn_t), rd, kd0, has_aux=True)
+    cts = tuple(
+        jnp.where(mask, c[:, None] * jnp.exp(jnp.where(mask, z - v[:, None], -jnp.inf))
+                  + cc[None, :] * jnp.exp(jnp.where(mask, z - vc[None, :], -jnp.inf)), 0.0)
+        for z, mask, v, c, vc, cc in zip(zs, masks, lse_vals, g_lse, col_lse, col_g))
+    r_bar, k_bar = vjp(cts)
+    return jax.tree.map(jnp.add, carry, (r_bar, jax.tree.map(lambda a: 0.5 * a, k_bar))), None
+
+  zeros = jax.tree.map(jnp.zeros_like, (rd, kd0))
+  per_column = (tuple(by_tile(v) for v in lse_vals), tuple(by_tile(c) for c in g_lse))
+  (r_bar, k_bar), _ = jax.lax.scan(body, zeros, (cd, cn) + per_column)
+  it = iter(k_bar)
+  consts_bar = [next(it) if f else None for f in flags]
+  return r_bar, _none_like(rn), jax.tree.map(jnp.zeros_like, cd), _none_like(cn), consts_bar
+
+
 _stream.defvjp(_stream_fwd, _stream_bwd)
 
 
@@ -288,7 +333,7 @@ def _merge(d, n, treedef, is_f):
   return jax.tree.unflatten(treedef, [next(di) if f else next(ni) for f in is_f])
 
 
-def stream(fn: Callable, rows: Any, cols: Any, tile: int):
+def stream(fn: Callable, rows: Any, cols: Any, tile: int, symmetric: bool = False):
   """Streams ``fn`` over column tiles of ``cols``.
 
   Args:
@@ -299,6 +344,12 @@ def stream(fn: Callable, rows: Any, cols: Any, tile: int):
       differentiated).
     cols: pytree of arrays with leading axis M.
     tile: columns per tile (static).
+    symmetric: the columns are the rows themselves (a batch against itself,
+      on one device, in the same order; see :func:`symmetric_ok`), every
+      ``Lse`` is [B, T] with logits and mask symmetric in (anchor, column),
+      and the ``sums`` are not differentiated (counts). The backward pass
+      then takes one product per tile instead of two (``_symmetric_bwd``).
+      Default False.
 
   Returns:
     ``(sums, lses)``: ``sums`` the pytree of float32 totals over all
@@ -313,7 +364,16 @@ def stream(fn: Callable, rows: Any, cols: Any, tile: int):
 
   tile0 = jax.tree.map(lambda a: a[0], (cd, cn))
   converted, consts = jax.closure_convert(flat_fn, rd, rn, *tile0)
-  return _stream(converted, rd, rn, cd, cn, list(consts))
+  return _stream(converted, bool(symmetric), rd, rn, cd, cn, list(consts))
+
+
+def symmetric_ok(inp: "Inputs", distance) -> bool:
+  """Whether a loss over ``inp`` whose log-sum-exps read the metric
+  matrix symmetrically may use ``stream(..., symmetric=True)``: the batch
+  against itself on one device, no pair mask, a built-in (symmetric)
+  metric."""
+  return (inp.self_compare and inp.ctx.axis_name is None and "pm" not in inp.cols
+          and isinstance(distance, str))
 
 
 def scan_tiles(fn: Callable, init: Any, rows: Any, cols: Any, tile: int) -> Any:

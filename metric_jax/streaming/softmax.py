@@ -632,7 +632,8 @@ def streaming_nca_loss(
     return ({"nan": eng.count(jnp.isnan(z) & members), "n_pos": eng.count(masks.pos)},
             (eng.Lse(z, members), eng.Lse(z, masks.pos)))
 
-  sums, (lse_all, lse_pos) = eng.stream(fn, inp.rows, inp.cols, tile)
+  sums, (lse_all, lse_pos) = eng.stream(fn, inp.rows, inp.cols, tile,
+                                        symmetric=eng.symmetric_ok(inp, distance))
   has_p = sums["n_pos"] > 0
   terms = jnp.where(has_p, lse_all - lse_pos, 0.0)
   result = eng.reduce_terms(terms, has_p, reduction, ctx)

@@ -99,7 +99,10 @@ def test_streamed_path_matches_reference_and_dense(monkeypatch):
     (want_value, want_grad), dense_loops = dense[key]
     assert loops and not dense_loops, key
     np.testing.assert_allclose(value, want_value, rtol=2e-5, err_msg=str(key))
-    np.testing.assert_allclose(grad, want_grad, rtol=2e-4, atol=2e-6, err_msg=str(key))
+    # Both paths sum cancelling float32 terms in different orders (each is
+    # within ~1e-5 of the largest entry of the float64 gradient).
+    np.testing.assert_allclose(grad, want_grad, rtol=2e-4, atol=2e-5 * np.abs(want_grad).max(),
+                               err_msg=str(key))
     assert np.all(np.isfinite(grad)), key
   labels = label_layouts()["m_per_class"]
   np.testing.assert_allclose(
