@@ -409,5 +409,11 @@ def paired(x: jax.Array, y: jax.Array, metric: MetricLike = "euclidean") -> jax.
   _checks.embeddings(y, "y")
   if x.shape != y.shape:
     raise ValueError(f"`x` and `y` must have the same shape, got {x.shape} and {y.shape}.")
+  if isinstance(metric, str) and metric == "cosine":
+    # The same formula (the dot of the normalised rows), normalised outside
+    # the vmap: XLA:CPU reduces the vmapped [N, 1, D] blocks slowly (a
+    # forward and backward at N = 512, D = 128: 0.48 -> 0.20 ms).
+    x, y = l2_normalize(x.astype(jnp.float32)), l2_normalize(y.astype(jnp.float32))
+    metric = "dot"
   # pairwise checks the metric (while tracing, before any pair is computed).
   return jax.vmap(lambda a, b: pairwise(a[None], b[None], metric)[0, 0])(x, y)
