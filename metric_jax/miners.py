@@ -111,8 +111,8 @@ def batch_hard_miner(embeddings: jax.Array, labels: jax.Array,
   dist, masks, _ = _problem(embeddings, labels, ref_embeddings, ref_labels,
                             distance, where, ref_where)
   m = dist.shape[1]
-  p_idx = jnp.argmax(jnp.where(masks.pos, dist, -jnp.inf), axis=1)
-  n_idx = jnp.argmin(jnp.where(masks.neg, dist, jnp.inf), axis=1)
+  p_idx = reductions.first_argmax(jnp.where(masks.pos, dist, -jnp.inf), axis=1)
+  n_idx = reductions.first_argmin(jnp.where(masks.neg, dist, jnp.inf), axis=1)
   has = jnp.any(masks.pos, axis=1) & jnp.any(masks.neg, axis=1)
   return (_one_hot(p_idx, m) | _one_hot(n_idx, m)) & has[:, None]
 
@@ -228,7 +228,7 @@ def hardest_negative_pair_miner(embeddings: jax.Array, labels: jax.Array,
   dist, masks, _ = _problem(embeddings, labels, ref_embeddings, ref_labels,
                             distance, where, ref_where)
   m = dist.shape[1]
-  n_idx = jnp.argmin(jnp.where(masks.neg, dist, jnp.inf), axis=1)
+  n_idx = reductions.first_argmin(jnp.where(masks.neg, dist, jnp.inf), axis=1)
   has = jnp.any(masks.pos, axis=1) & jnp.any(masks.neg, axis=1)
   return masks.pos | (_one_hot(n_idx, m) & has[:, None])
 

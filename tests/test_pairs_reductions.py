@@ -118,3 +118,31 @@ def test_per_anchor_mean():
   means, has = mj.reductions.per_anchor_mean(terms, mask)
   np.testing.assert_allclose(means, [2.0, 0.0])
   np.testing.assert_array_equal(has, [True, False])
+
+
+def _argmax_cases():
+  rng = np.random.default_rng(3)
+  ties = rng.integers(0, 3, size=(7, 9)).astype(np.float32)     # many tied maxima
+  special = ties.copy()
+  special[1, [2, 5]] = np.nan                                   # NaN wins, the first one
+  special[2] = -np.inf                                          # all -inf: index 0
+  special[3] = np.inf
+  special[4, 4:] = np.inf
+  special[5] = 0.0
+  return {"ties": ties, "special": special,
+          "bool": rng.random((6, 10)) < 0.3,
+          "3d": rng.integers(0, 4, size=(3, 5, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("case", sorted(_argmax_cases()))
+def test_first_argmax_and_argmin_are_numpy_argmax(case):
+  x = _argmax_cases()[case]
+  for axis in range(-x.ndim, x.ndim):
+    for fast, slow in ((mj.reductions.first_argmax, jnp.argmax),
+                       (mj.reductions.first_argmin, jnp.argmin)):
+      got = jax.jit(fast, static_argnums=1)(jnp.asarray(x), axis)
+      want = slow(jnp.asarray(x).astype(jnp.float32), axis=axis)
+      assert got.dtype == jnp.int32
+      np.testing.assert_array_equal(got, want, err_msg=f"{fast.__name__} axis={axis}")
+  batched = jax.vmap(lambda r: mj.reductions.first_argmax(r, axis=-1))(jnp.asarray(x))
+  np.testing.assert_array_equal(batched, jnp.argmax(jnp.asarray(x).astype(jnp.float32), -1))

@@ -405,7 +405,8 @@ def test_exported():
 
 
 @pytest.mark.parametrize("routed_loss", ["nca", "generalized_lifted", "generalized_lifted_zero",
-                                         "ranked_list", "ranked_list_pml_none"])
+                                         "ranked_list", "ranked_list_pml_none", "triplet_hard",
+                                         "triplet_easy_swap_soft"])
 def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   """Dense losses with a streamed twin hand large problems to it
   (``_engine.ROUTE_MIN_ELEMENTS``): forced here at B = 12, the dense call

@@ -135,7 +135,7 @@ def npair_loss(embeddings: jax.Array, labels: jax.Array,
   b = x.shape[0]
 
   has_pos = jnp.any(masks.pos, axis=1)
-  first_pos = jnp.argmax(masks.pos, axis=1)           # lowest-index positive
+  first_pos = reductions.first_argmax(masks.pos, axis=1)   # lowest-index positive
   same = labels[:, None] == labels[None, :]
   if pairs_per_class == "first":
     earlier = jnp.arange(b)[None, :] < jnp.arange(b)[:, None]   # [i, k]: k < i

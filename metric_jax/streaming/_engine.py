@@ -38,6 +38,7 @@ import numpy as np
 
 from metric_jax import _checks
 from metric_jax import distances as distances_lib
+from metric_jax import reductions
 
 # Default budget of one tile, in [B, T] float32 elements (64 MiB): about 128
 # columns at B = 32k, the whole matrix for B <= 2k.
@@ -595,7 +596,7 @@ def best_index(values: jax.Array, mask: jax.Array, index: jax.Array, largest: bo
   v = jnp.where(mask, values, fill)
   if last:
     v = v[..., ::-1]
-  pos = jnp.argmax(v, axis=-1) if largest else jnp.argmin(v, axis=-1)
+  pos = (reductions.first_argmax if largest else reductions.first_argmin)(v, axis=-1)
   best = jnp.take_along_axis(v, pos[..., None], axis=-1)[..., 0]
   if last:
     pos = v.shape[-1] - 1 - pos
