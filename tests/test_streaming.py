@@ -329,9 +329,10 @@ def test_more_positives_than_max_positives_is_nan():
 
 
 @pytest.mark.parametrize("name", ["contrastive", "triplet_all"])
-def test_memory_is_bounded_by_the_tile(name):
+def test_memory_is_bounded_by_the_tile(name, monkeypatch):
   """At B = 4096 the compiled forward+backward plans less temporary memory
-  than a single [B, B] float32 matrix (64 MiB): the dense loss plans several."""
+  than a single [B, B] float32 matrix (64 MiB): the dense loss plans several
+  (contrastive's dense call hands such a batch to the streamed twin)."""
   s_fn, d_fn, kw, _ = CASES[name]
   b, d, tile = 4096, 16, 128
   emb = jax.ShapeDtypeStruct((b, d), jnp.float32)
@@ -350,6 +351,9 @@ def test_memory_is_bounded_by_the_tile(name):
   streamed = temp(functools.partial(s_fn, tile_size=tile, **kw))
   assert streamed < matrix / 4, (streamed, matrix)
   if name == "contrastive":
+    from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
+    assert temp(functools.partial(d_fn, **kw)) < matrix / 4          # routed
+    monkeypatch.setattr(_engine, "ROUTE_MIN_ELEMENTS", 1 << 40)
     assert temp(functools.partial(d_fn, **kw)) > matrix
 
 
@@ -404,14 +408,21 @@ def test_exported():
     assert fn.__doc__ and "Example:" in fn.__doc__ and "{common}" not in fn.__doc__, name
 
 
+# Contrastive hands over only a batch against itself (the symmetric
+# backward pass), with a reduction other than "none".
+_ROUTED_CALLS = {"contrastive": ("self",), "contrastive_cosine_squared": ("self",)}
+
+
 @pytest.mark.parametrize("routed_loss", ["nca", "generalized_lifted", "generalized_lifted_zero",
                                          "ranked_list", "ranked_list_pml_none", "triplet_hard",
-                                         "triplet_easy_swap_soft"])
+                                         "triplet_easy_swap_soft", "contrastive",
+                                         "contrastive_cosine_squared"])
 def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   """Dense losses with a streamed twin hand large problems to it
   (``_engine.ROUTE_MIN_ELEMENTS``): forced here at B = 12, the dense call
   compiles to a loop over tiles and keeps the dense values and gradients
-  (self and reference modes, padding, pair masks, every reduction)."""
+  (self and reference modes, padding, pair masks, every reduction); the
+  calls a loss keeps dense stay dense."""
   from metric_jax.streaming import _engine  # pylint: disable=import-outside-toplevel
   _, d_fn, kw, _ = CASES[routed_loss]
   x, ref, ref_labels = _inputs()
@@ -435,8 +446,9 @@ def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   monkeypatch.setattr(_engine, "ROUTE_TILE_ELEMENTS", 4 * B)      # 4-column tiles
   for name, fn in calls.items():
     got, hlo = run(fn)
-    assert "while" in hlo and "while" not in dense[name][1], name
-    _check_close(got, dense[name][0], f"{routed_loss} {name} routed")
+    routed = name in _ROUTED_CALLS.get(routed_loss, calls)
+    assert ("while" in hlo) == routed and "while" not in dense[name][1], name
+    _check_close(got, dense[name][0], f"{routed_loss} {name} routed={routed}")
   assert _engine.routed_tile(jnp.ones((B,)), None) is None      # malformed: dense checks
 
 

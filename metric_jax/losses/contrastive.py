@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from metric_jax import _checks
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.streaming import _engine as streaming_engine
 
 
 def contrastive_loss(embeddings: jax.Array, labels: jax.Array,
@@ -73,6 +74,16 @@ def contrastive_loss(embeddings: jax.Array, labels: jax.Array,
   reductions.check(reduction)
   _checks.scalar(pos_margin, "pos_margin")
   _checks.scalar(neg_margin, "neg_margin")
+  tile = streaming_engine.routed_tile(embeddings)
+  if (tile is not None and reduction != "none" and ref_embeddings is None
+      and pair_mask is None and isinstance(distance, str)):
+    # A large batch against itself: the streamed twin's symmetric backward
+    # pass (one product per tile) over small buffers beats the dense
+    # matrices (B = 2048: 36 -> 25 ms forward + backward).
+    from metric_jax.streaming import contrastive as streamed  # pylint: disable=import-outside-toplevel
+    return streamed.streaming_contrastive_loss(
+        embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin, squared=squared,
+        distance=distance, reduction=reduction, where=where, tile_size=tile)
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
                           pair_mask=pair_mask,

@@ -250,7 +250,7 @@ def _stream_bwd(fn, symmetric, res, g):
   rd, rn, cd, cn, consts, lse_vals = rest
   g_sums, g_lse = g
   if symmetric:
-    return _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_lse)
+    return _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_sums, g_lse)
   flags, kd0 = _float_consts(consts)
 
   def recompute(rd_, cd_t, kd, cn_t):
@@ -278,7 +278,7 @@ def _stream_bwd(fn, symmetric, res, g):
   return r_bar, _none_like(rn), c_bar, _none_like(cn), consts_bar
 
 
-def _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_lse):
+def _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_sums, g_lse):
   """The backward pass of a symmetric stream (see :func:`stream`).
 
   On the tile of columns T, row i's log-sum-exp k gives its logits the
@@ -288,7 +288,9 @@ def _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_lse):
   ``G + G^T`` is formed element by element and pulled back through the rows
   alone, which is the whole embedding gradient (the columns' role mirrors
   the rows'). One product per tile instead of two; the constants' cotangent
-  is half of that pull-back.
+  is half of that pull-back. The sums must reach the loss only through their
+  totals over the anchors (one cotangent for every anchor), so that their
+  own cotangent on the tile is symmetric.
   """
   flags, kd0 = _float_consts(consts)
   n_tiles, tile = jax.tree.leaves(cd)[0].shape[:2]
@@ -297,18 +299,24 @@ def _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_lse):
     v = v.astype(jnp.float32)
     return jnp.pad(v, (0, n_tiles * tile - v.shape[0])).reshape(n_tiles, tile)
 
-  def logits(rd_, kd, cd_t, cn_t):
-    _, lses = fn(rd_, rn, cd_t, cn_t, *_with_float_consts(flags, consts, kd))
-    return tuple(l.logits.astype(jnp.float32) for l in lses), tuple(l.mask for l in lses)
+  def tile_out(rd_, kd, cd_t, cn_t):
+    sums, lses = fn(rd_, rn, cd_t, cn_t, *_with_float_consts(flags, consts, kd))
+    logits = tuple(l.logits.astype(jnp.float32) for l in lses)
+    return (_as_f32(sums), logits), tuple(l.mask for l in lses)
+
+  # Sums whose cotangent is the same for every anchor have a symmetric
+  # cotangent already: twice it, pulled back through the rows, is G + G^T.
+  twice_g_sums = jax.tree.map(lambda g: 2.0 * g, g_sums)
 
   def body(carry, tile_in):
     cd_t, cn_t, col_lse, col_g = tile_in
-    zs, vjp, masks = jax.vjp(lambda a, k: logits(a, k, cd_t, cn_t), rd, kd0, has_aux=True)
+    (_, zs), vjp, masks = jax.vjp(lambda a, k: tile_out(a, k, cd_t, cn_t), rd, kd0,
+                                  has_aux=True)
     cts = tuple(
         jnp.where(mask, c[:, None] * jnp.exp(jnp.where(mask, z - v[:, None], -jnp.inf))
                   + cc[None, :] * jnp.exp(jnp.where(mask, z - vc[None, :], -jnp.inf)), 0.0)
         for z, mask, v, c, vc, cc in zip(zs, masks, lse_vals, g_lse, col_lse, col_g))
-    r_bar, k_bar = vjp(cts)
+    r_bar, k_bar = vjp((twice_g_sums, cts))
     return jax.tree.map(jnp.add, carry, (r_bar, jax.tree.map(lambda a: 0.5 * a, k_bar))), None
 
   zeros = jax.tree.map(jnp.zeros_like, (rd, kd0))
@@ -348,9 +356,10 @@ def stream(fn: Callable, rows: Any, cols: Any, tile: int, symmetric: bool = Fals
     symmetric: the columns are the rows themselves (a batch against itself,
       on one device, in the same order; see :func:`symmetric_ok`), every
       ``Lse`` is [B, T] with logits and mask symmetric in (anchor, column),
-      and the ``sums`` are not differentiated (counts). The backward pass
-      then takes one product per tile instead of two (``_symmetric_bwd``).
-      Default False.
+      and the per-anchor ``sums`` are symmetric in (anchor, column) and
+      reach the loss only through their totals over the anchors (or are not
+      differentiated, like counts). The backward pass then takes one
+      product per tile instead of two (``_symmetric_bwd``). Default False.
 
   Returns:
     ``(sums, lses)``: ``sums`` the pytree of float32 totals over all

@@ -99,5 +99,7 @@ def streaming_contrastive_loss(embeddings: jax.Array, labels: jax.Array,
                   eng.count(mask), eng.count(mask & (terms > 0)))
     return out, ()
 
-  sums, _ = eng.stream(fn, inp.rows, inp.cols, tile)
+  # The sums reach the loss only through their totals (eng.finish): a batch
+  # against itself can take the symmetric backward pass.
+  sums, _ = eng.stream(fn, inp.rows, inp.cols, tile, symmetric=eng.symmetric_ok(inp, distance))
   return sum(eng.finish(*sums[k], reduction, inp.ctx) for k in ("pos", "neg"))
