@@ -408,15 +408,18 @@ def test_exported():
     assert fn.__doc__ and "Example:" in fn.__doc__ and "{common}" not in fn.__doc__, name
 
 
-# Contrastive hands over only a batch against itself (the symmetric
-# backward pass), with a reduction other than "none".
-_ROUTED_CALLS = {"contrastive": ("self",), "contrastive_cosine_squared": ("self",)}
+# Contrastive, multi-similarity and circle hand over only a batch against
+# itself (the symmetric backward pass); contrastive only with a reduction
+# other than "none".
+_ROUTED_CALLS = {"contrastive": ("self",), "contrastive_cosine_squared": ("self",),
+                 "multi_similarity": ("self", "none"), "circle": ("self", "none")}
 
 
 @pytest.mark.parametrize("routed_loss", ["nca", "generalized_lifted", "generalized_lifted_zero",
                                          "ranked_list", "ranked_list_pml_none", "triplet_hard",
                                          "triplet_easy_swap_soft", "contrastive",
-                                         "contrastive_cosine_squared"])
+                                         "contrastive_cosine_squared", "multi_similarity",
+                                         "circle"])
 def test_large_dense_problems_are_streamed(monkeypatch, routed_loss):
   """Dense losses with a streamed twin hand large problems to it
   (``_engine.ROUTE_MIN_ELEMENTS``): forced here at B = 12, the dense call

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from metric_jax import _checks
 from metric_jax import pairs
 from metric_jax import reductions
+from metric_jax.streaming import _engine as streaming_engine
 
 
 def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array,
@@ -72,6 +73,14 @@ def multi_similarity_loss(embeddings: jax.Array, labels: jax.Array,
   _checks.scalar(alpha, "alpha", positive=True)
   _checks.scalar(beta, "beta", positive=True)
   _checks.scalar(base, "base")
+  tile = streaming_engine.routed_symmetric_tile(embeddings, ref_embeddings, pair_mask, distance)
+  if tile is not None:
+    # A large batch against itself: the streamed twin's symmetric backward
+    # pass over small buffers (B = 2048: 39 -> 31 ms forward + backward).
+    from metric_jax.streaming import softmax  # pylint: disable=import-outside-toplevel
+    return softmax.streaming_multi_similarity_loss(
+        embeddings, labels, alpha=alpha, beta=beta, base=base, distance=distance,
+        reduction=reduction, where=where, tile_size=tile)
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
                           pair_mask=pair_mask)

@@ -75,6 +75,16 @@ def routed_tile(embeddings, ref_embeddings=None) -> int | None:
   return min(m, tile) if tile >= _MIN_TILE else default_tile(b, m)
 
 
+def routed_symmetric_tile(embeddings, ref_embeddings, pair_mask, distance) -> int | None:
+  """:func:`routed_tile` for the dense losses that hand over only what their
+  streamed twin computes with the symmetric backward pass (``stream(...,
+  symmetric=True)``): the batch against itself, no pair mask, a built-in
+  metric. Otherwise None (dense)."""
+  if ref_embeddings is not None or pair_mask is not None or not isinstance(distance, str):
+    return None
+  return routed_tile(embeddings)
+
+
 class Lse(NamedTuple):
   """A masked log-sum-exp over the columns of a tile.
 

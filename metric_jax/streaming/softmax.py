@@ -141,7 +141,8 @@ def streaming_generalized_lifted_structure_loss(
     sums = {"n_pos": eng.count(masks.pos), "n_neg": eng.count(masks.neg)}
     return sums, (eng.Lse(pos_logits, masks.pos), eng.Lse(neg_logits, masks.neg))
 
-  sums, (pos_lse, neg_lse) = eng.stream(fn, inp.rows, inp.cols, tile)
+  sums, (pos_lse, neg_lse) = eng.stream(fn, inp.rows, inp.cols, tile,
+                                       symmetric=eng.symmetric_ok(inp, distance))
   terms = jax.nn.relu(pos_lse + neg_lse)
   if empty_lse == "zero":
     valid = inp.rows["valid"]
@@ -341,7 +342,8 @@ def streaming_multi_similarity_loss(
              "n_neg": eng.count(masks.neg)},
             (eng.Lse(alpha * shift, masks.pos), eng.Lse(-beta * shift, masks.neg)))
 
-  sums, (pos_lse, neg_lse) = eng.stream(fn, inp.rows, inp.cols, tile)
+  sums, (pos_lse, neg_lse) = eng.stream(fn, inp.rows, inp.cols, tile,
+                                       symmetric=eng.symmetric_ok(inp, distance))
   pos_term = jnp.where(sums["n_pos"] > 0, jnp.logaddexp(pos_lse, 0.0), 0.0)
   neg_term = jnp.where(sums["n_neg"] > 0, jnp.logaddexp(neg_lse, 0.0), 0.0)
   terms = pos_term / alpha + neg_term / beta
@@ -415,7 +417,8 @@ def streaming_circle_loss(
              "n_neg": eng.count(masks.neg)},
             (eng.Lse(pos_logits, masks.pos), eng.Lse(neg_logits, masks.neg)))
 
-  sums, (lse_p, lse_n) = eng.stream(fn, inp.rows, inp.cols, tile)
+  sums, (lse_p, lse_n) = eng.stream(fn, inp.rows, inp.cols, tile,
+                                       symmetric=eng.symmetric_ok(inp, distance))
   valid = (sums["n_pos"] > 0) & (sums["n_neg"] > 0) & inp.rows["valid"]
   terms = jnp.where(valid, jax.nn.softplus(lse_p + lse_n), 0.0)
   terms = jnp.where(sums["nan"] > 0, jnp.nan, terms)
