@@ -57,6 +57,11 @@ def instance_loss(embeddings: jax.Array, labels: jax.Array,
   of the remaining samples, so a padded batch gives the loss of its valid
   part. ``ref_embeddings`` and ``pair_mask`` are not supported (as in PML).
 
+  Derivatives: reverse mode, gradients of gradients included. A batch
+  compared with itself under a built-in metric takes a custom VJP (one
+  [B, B] x [B, D] product in the backward pass), so forward mode
+  (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available there.
+
   Args:
     embeddings: [B, D] float embeddings.
     labels: [B] integer labels (instance ids).

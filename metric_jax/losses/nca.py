@@ -37,6 +37,11 @@ def nca_loss(embeddings: jax.Array, labels: jax.Array,
   the defaults reproduce on L2-normalised inputs (squared Euclidean,
   ``softmax_scale=1``, mean over anchors).
 
+  Derivatives: reverse mode, gradients of gradients included. A batch
+  compared with itself under a built-in metric takes a custom VJP (one
+  [B, B] x [B, D] product in the backward pass), so forward mode
+  (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available there.
+
   Args:
     embeddings: [B, D] float anchors.
     labels: [B] integer labels.

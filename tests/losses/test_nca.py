@@ -76,6 +76,21 @@ def test_gradient_matches_loop_reference(layout, metric):
 _PAIR_MASK = np.random.default_rng(5).random((12, 12)) < 0.7
 
 
+def test_gradient_of_the_gradient():
+  # Reverse over reverse through the symmetric-cotangent path equals the
+  # plain path's (an all-True pair mask keeps the two-product backward).
+  emb = random_embeddings(2, 12, 5)
+  labels = label_layouts()["with_singletons"]
+  everything = jnp.ones((12, 12), bool)
+
+  def curvature(**kw):
+    grad = jax.grad(lambda e: mj.losses.nca_loss(e, labels, **kw))
+    return jax.jit(jax.grad(lambda e: jnp.sum(jnp.square(grad(e)))))(emb)
+
+  fast, plain = curvature(), curvature(pair_mask=everything)
+  np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+
+
 @pytest.mark.parametrize("metric", ["squared_euclidean", "euclidean", "cosine", "dot"])
 def test_far_neighbours_stay_finite(metric):
   # Scaled up, the neighbours' probabilities underflow float32 (e^-300 and
