@@ -9,6 +9,7 @@ check the properties every loss must have.
 from __future__ import annotations
 
 import importlib.util
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,31 @@ def label_layouts(b: int = 12):
 def random_embeddings(seed: int, b: int = 12, d: int = 5, scale: float = 1.0):
   rng = np.random.default_rng(seed)
   return (rng.normal(size=(b, d)) * scale).astype(np.float32)
+
+
+class ReferenceCase(NamedTuple):
+  """Inputs of the reference-set tests (see :func:`reference_case`)."""
+  emb: np.ndarray          # [10, 4] anchors
+  ref: np.ndarray          # [7, 4] references
+  labels: np.ndarray       # [10]
+  ref_labels: np.ndarray   # [7], classes shared with the anchors and not
+  where: np.ndarray        # [10] bool, the last 2 anchors padded
+  ref_where: np.ndarray    # [7] bool, the last reference padded
+  pair_mask: np.ndarray    # [10, 7] bool, random
+
+
+def reference_case(seed: int = 2, scale: float = 1.0, density: float = 0.8) -> ReferenceCase:
+  """10 anchors against 7 references, with padding on both sides and a
+  random pair mask keeping about ``density`` of the pairs: the inputs every
+  loss's reference-set test compares with its loop reference."""
+  return ReferenceCase(
+      emb=random_embeddings(seed, 10, 4, scale=scale),
+      ref=random_embeddings(seed + 1, 7, 4, scale=scale),
+      labels=np.array([0, 1, 2, 0, 1, 2, 3, 3, 0, 1]),
+      ref_labels=np.array([0, 0, 1, 2, 3, 4, 1]),
+      where=np.array([True] * 8 + [False] * 2),
+      ref_where=np.array([True] * 6 + [False]),
+      pair_mask=np.random.default_rng(0).random((10, 7)) < density)
 
 
 def np_pairwise(x, y, metric="euclidean"):

@@ -7,8 +7,8 @@ import pytest
 
 import metric_jax as mj
 from tests.helpers import (HAS_PML, check_loss_contract, check_symmetric_gradient_path,
-                           label_layouts, np_normalize,
-                           np_pairwise, random_embeddings)
+                           label_layouts, np_normalize, np_pairwise, random_embeddings,
+                           reference_case)
 
 
 def reduce_np(vals, reduction):
@@ -60,12 +60,7 @@ def test_matches_loop_reference(layout, reduction, metric):
 
 @pytest.mark.parametrize("squared", [False, True])
 def test_reference_set_and_where(squared):
-  emb = random_embeddings(2, 10, 4, scale=0.4)
-  ref = random_embeddings(3, 7, 4, scale=0.4)
-  labels = np.array([0, 1, 2, 0, 1, 2, 3, 3, 0, 1])
-  ref_labels = np.array([0, 0, 1, 2, 3, 4, 1])
-  where = np.array([True] * 8 + [False] * 2)
-  ref_where = np.array([True] * 6 + [False])
+  emb, ref, labels, ref_labels, where, ref_where, _ = reference_case(scale=0.4)
   got = mj.losses.contrastive_loss(emb, labels, ref, ref_labels, squared=squared,
                                    where=where, ref_where=ref_where)
   want = contrastive_np(emb, labels, ref, ref_labels, squared=squared, where=where,

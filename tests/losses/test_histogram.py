@@ -7,7 +7,7 @@ import pytest
 
 import metric_jax as mj
 from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_normalize,
-                           np_pairwise, random_embeddings)
+                           np_pairwise, random_embeddings, reference_case)
 
 
 def histogram_np(emb, labels, ref=None, ref_labels=None, num_bins=100, where=None,
@@ -61,13 +61,7 @@ def test_matches_loop_reference(layout):
 
 
 def test_reference_set_where_and_pair_mask():
-  emb = random_embeddings(2, 10, 4)
-  ref = random_embeddings(3, 7, 4)
-  labels = np.array([0, 1, 2, 0, 1, 2, 3, 3, 0, 1])
-  ref_labels = np.array([0, 0, 1, 2, 3, 4, 1])
-  where = np.array([True] * 8 + [False] * 2)
-  ref_where = np.array([True] * 6 + [False])
-  mask = np.random.default_rng(0).random((10, 7)) < 0.8
+  emb, ref, labels, ref_labels, where, ref_where, mask = reference_case()
   got = mj.losses.histogram_loss(emb, labels, ref, ref_labels, where=where, ref_where=ref_where,
                                  pair_mask=jnp.asarray(mask), num_bins=20)
   want = histogram_np(emb, labels, ref, ref_labels, where=where, ref_where=ref_where,

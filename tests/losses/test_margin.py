@@ -8,7 +8,7 @@ import pytest
 
 import metric_jax as mj
 from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_normalize,
-                           np_pairwise, random_embeddings)
+                           np_pairwise, random_embeddings, reference_case)
 
 
 def margin_np(emb, labels, ref=None, ref_labels=None, margin=0.2, beta=1.2, nu=0.0,
@@ -83,14 +83,8 @@ def test_matches_loop_reference(layout, form):
 
 @pytest.mark.parametrize("form", ["triplets", "pairs"])
 def test_per_class_beta_penalty_reference_set_and_where(form):
-  emb = random_embeddings(2, 10, 4, scale=0.5)
-  ref = random_embeddings(3, 7, 4, scale=0.5)
-  labels = np.array([0, 1, 2, 0, 1, 2, 3, 3, 0, 1])
-  ref_labels = np.array([0, 0, 1, 2, 3, 4, 1])
-  where = np.array([True] * 8 + [False] * 2)
-  ref_where = np.array([True] * 6 + [False])
+  emb, ref, labels, ref_labels, where, ref_where, mask = reference_case(scale=0.5)
   beta = np.array([0.9, 1.0, 1.1, 1.2, 1.3], np.float32)
-  mask = np.random.default_rng(0).random((10, 7)) < 0.8
   for reduction in ("mean_nonzero", "sum"):
     got = mj.losses.margin_loss(emb, labels, ref, ref_labels, beta=jnp.asarray(beta), nu=0.1,
                                 form=form, where=where, ref_where=ref_where,

@@ -7,7 +7,7 @@ import pytest
 
 import metric_jax as mj
 from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_normalize,
-                           random_embeddings)
+                           random_embeddings, reference_case)
 
 
 def snr_np(x, y):
@@ -71,13 +71,7 @@ def test_matches_loop_reference(layout):
 
 
 def test_reference_set_where_and_pair_mask():
-  emb = random_embeddings(2, 10, 4)
-  ref = random_embeddings(3, 7, 4)
-  labels = np.array([0, 1, 2, 0, 1, 2, 3, 3, 0, 1])
-  ref_labels = np.array([0, 0, 1, 2, 3, 4, 1])
-  where = np.array([True] * 8 + [False] * 2)
-  ref_where = np.array([True] * 6 + [False])
-  mask = np.random.default_rng(0).random((10, 7)) < 0.8
+  emb, ref, labels, ref_labels, where, ref_where, mask = reference_case()
   got = mj.losses.snr_contrastive_loss(emb, labels, ref, ref_labels, where=where,
                                        ref_where=ref_where, pair_mask=jnp.asarray(mask),
                                        zero_mean_weight=0.5)

@@ -9,7 +9,7 @@ import pytest
 import metric_jax as mj
 from tests import helpers
 from tests.helpers import (HAS_PML, check_loss_contract, label_layouts, np_pairwise,
-                           random_embeddings)
+                           random_embeddings, reference_case)
 
 LOSS = mj.losses.threshold_consistent_margin_loss
 CUSTOM = dict(lambda_plus=0.5, lambda_minus=2.0, margin_plus=0.4, margin_minus=0.1)
@@ -68,13 +68,7 @@ def test_dot_similarity():
 
 
 def test_reference_set_where_and_pair_mask():
-  emb = random_embeddings(3, 10, 4)
-  ref = random_embeddings(4, 7, 4)
-  labels = np.array([0, 1, 2, 0, 1, 2, 3, 3, 0, 1])
-  ref_labels = np.array([0, 0, 1, 2, 3, 4, 1])
-  where = np.array([True] * 8 + [False] * 2)
-  ref_where = np.array([True] * 6 + [False])
-  mask = np.random.default_rng(0).random((10, 7)) < 0.8
+  emb, ref, labels, ref_labels, where, ref_where, mask = reference_case(seed=3)
   for reduction in ("mean", "sum", "none"):
     kw = dict(where=where, ref_where=ref_where, pair_mask=mask, reduction=reduction, **CUSTOM)
     got = LOSS(emb, labels, ref, ref_labels, **kw)
