@@ -215,7 +215,8 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
             where: jax.Array | None = None,
             ref_where: jax.Array | None = None,
             pair_mask: jax.Array | None = None,
-            symmetric: bool = False) -> PairwiseProblem:
+            symmetric: bool = False,
+            exclude_self: bool | None = None) -> PairwiseProblem:
   """Validates inputs, computes the [B, M] metric matrix and the label masks.
 
   Invalid rows (``where`` / ``ref_where`` False) are zeroed before the
@@ -237,11 +238,14 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
       normalisation), or reads the matrix only through functions that
       return a symmetric cotangent
       (:func:`metric_jax.reductions.symmetric_masked_logsumexps` when
-      ``PairwiseProblem.symmetric``). When the batch is compared with itself under a
-      built-in metric, with no ``pair_mask`` and no separate ``ref_where``,
-      the matrix then comes from
+      ``PairwiseProblem.symmetric``). When the batch is compared with
+      itself under a built-in metric, with no ``pair_mask`` and no separate
+      ``ref_where``, the matrix then comes from
       :func:`metric_jax.distances.self_pairwise_for_symmetric_loss`, whose
       gradient takes one matrix product instead of two. Default False.
+    exclude_self: as in :func:`label_masks` (default None: the diagonal
+      leaves the positives when the batch is compared with itself); False
+      keeps each anchor among its own positives.
 
   Returns:
     :class:`PairwiseProblem`.
@@ -268,5 +272,5 @@ def prepare(embeddings: jax.Array, labels: jax.Array,
     matrix = distances_lib.pairwise(x, y, distance)
     symmetric = False
   masks = label_masks(labels, ref_labels, where=where, ref_where=ref_where,
-                      pair_mask=pair_mask)
+                      exclude_self=exclude_self, pair_mask=pair_mask)
   return PairwiseProblem(matrix, is_sim, masks, symmetric)

@@ -155,13 +155,10 @@ def smooth_ap_loss(embeddings: jax.Array, labels: jax.Array,
     _checks.positive_int(max_positives, "max_positives")
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,
                           distance=distance, where=where, ref_where=ref_where,
-                          pair_mask=pair_mask)
+                          pair_mask=pair_mask, exclude_self=False if include_self else None)
   s = problem.matrix if problem.is_similarity else -problem.matrix
   z = s / temperature
-  masks = problem.masks
-  if include_self:
-    masks = pairs.label_masks(labels, where=where, exclude_self=False, pair_mask=pair_mask)
-  pos, neg = masks.pos, masks.neg
+  pos, neg = problem.masks.pos, problem.masks.neg
   n_pos = _grid.positive_counts(pos)
   if max_positives is not None:
     sums = _gathered(z, pos, neg, max_positives)
