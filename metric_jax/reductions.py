@@ -483,14 +483,24 @@ def _symmetric_lses_fwd(x, masks):
   return (lses, nonempties), (x, masks, lses)
 
 
+def _lse_cotangent_plus_transpose(x, mask, row_lse, row_c, col_lse, col_c):
+  """``G + G^T`` on a block of symmetric logits ``x`` [R, T]: ``G`` is the
+  cotangent that row log-sum-exps ``row_lse`` [R] with cotangents ``row_c``
+  give ``x`` (``row_c_i mask_ij exp(x_ij - row_lse_i)``), and ``G^T`` the
+  same from the columns' own statistics ``col_lse``, ``col_c`` [T] (row j's
+  weight of i, since ``x_ji = x_ij``). Used by
+  :func:`symmetric_masked_logsumexps` and the streaming engine's symmetric
+  backward pass."""
+  by_row = jnp.exp(jnp.where(mask, x - row_lse[:, None], -jnp.inf)) * row_c[:, None]
+  by_col = jnp.exp(jnp.where(mask, x - col_lse[None, :], -jnp.inf)) * col_c[None, :]
+  return jnp.where(mask, by_row + by_col, 0.0)
+
+
 def _symmetric_lses_bwd(residuals, cotangents):
   x, masks, lses = residuals
   total = jnp.zeros_like(x)
   for mask, lse, c in zip(masks, lses, cotangents[0]):
-    # Row i's softmax weight of j, and row j's of i (x_ji = x_ij).
-    by_row = jnp.exp(jnp.where(mask, x - lse[:, None], -jnp.inf)) * c[:, None]
-    by_col = jnp.exp(jnp.where(mask, x - lse[None, :], -jnp.inf)) * c[None, :]
-    total = total + jnp.where(mask, by_row + by_col, 0.0)
+    total = total + _lse_cotangent_plus_transpose(x, mask, lse, c, lse, c)
   return 0.5 * total, [None] * len(masks)
 
 

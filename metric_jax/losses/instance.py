@@ -105,6 +105,7 @@ def instance_loss(embeddings: jax.Array, labels: jax.Array,
   # Original index of the k-th valid column (ranks never exceed #valid - 1).
   valid_cols = jnp.nonzero(valid, size=valid.shape[0], fill_value=0)[0]
   target = valid_cols[jnp.clip(rank, 0, valid.shape[0] - 1)]
+  x = pairs.zero_invalid_rows(embeddings, valid).astype(jnp.float32)
   tile = streaming_engine.routed_tile(embeddings)
   if tile is None:
     # The logits are symmetric and only their row log-sum-exps read them:
@@ -117,18 +118,17 @@ def instance_loss(embeddings: jax.Array, labels: jax.Array,
     (lse,), _ = logsumexps(logits, [valid[:, None] & valid[None, :]])
   else:
     # Large batches: the log-sum-exps over column tiles (small buffers).
-    lse = _streamed_lse(embeddings, valid, gamma, distance, tile)
-  x = pairs.zero_invalid_rows(embeddings, valid).astype(jnp.float32)
+    lse = _streamed_lse(x, valid, gamma, distance, tile)
   picked = gamma * distances_lib.paired(x, x[target], distance)
   terms = jnp.where(valid, lse - picked, 0.0)
   # A NaN logit makes its row's lse NaN: keep it visible in every reduction.
   return reductions.keep_nan(reductions.reduce(terms, valid, reduction), lse, valid)
 
 
-def _streamed_lse(embeddings, valid, gamma, distance, tile):
-  """[B] ``LSE_j gamma s_ij`` over the valid columns, streamed over tiles of
-  ``tile`` columns, each pair evaluated by the dense loss's metric."""
-  x = pairs.zero_invalid_rows(embeddings, valid).astype(jnp.float32)
+def _streamed_lse(x, valid, gamma, distance, tile):
+  """[B] ``LSE_j gamma s_ij`` over the valid columns of ``x`` [B, D]
+  (invalid rows zeroed), streamed over tiles of ``tile`` columns, each pair
+  evaluated by the dense loss's metric."""
 
   def fn(rows, cols):
     logits = gamma * streaming_engine.tile_matrix(rows, cols, distance)

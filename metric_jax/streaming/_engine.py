@@ -322,10 +322,8 @@ def _symmetric_bwd(fn, rd, rn, cd, cn, consts, lse_vals, g_sums, g_lse):
     cd_t, cn_t, col_lse, col_g = tile_in
     (_, zs), vjp, masks = jax.vjp(lambda a, k: tile_out(a, k, cd_t, cn_t), rd, kd0,
                                   has_aux=True)
-    cts = tuple(
-        jnp.where(mask, c[:, None] * jnp.exp(jnp.where(mask, z - v[:, None], -jnp.inf))
-                  + cc[None, :] * jnp.exp(jnp.where(mask, z - vc[None, :], -jnp.inf)), 0.0)
-        for z, mask, v, c, vc, cc in zip(zs, masks, lse_vals, g_lse, col_lse, col_g))
+    cts = tuple(reductions._lse_cotangent_plus_transpose(z, mask, v, c, vc, cc)  # pylint: disable=protected-access
+                for z, mask, v, c, vc, cc in zip(zs, masks, lse_vals, g_lse, col_lse, col_g))
     r_bar, k_bar = vjp((twice_g_sums, cts))
     return jax.tree.map(jnp.add, carry, (r_bar, jax.tree.map(lambda a: 0.5 * a, k_bar))), None
 
