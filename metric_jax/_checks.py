@@ -91,6 +91,15 @@ def scalar(value: Any, name: str, *, positive: bool = False,
       raise ValueError(f"`{name}` must be >= 0, got {value}.")
 
 
+def flag(value: Any, name: str, *, allow_none: bool = False) -> None:
+  """Checks a static Python or NumPy bool (or None when ``allow_none``)."""
+  if value is None and allow_none:
+    return
+  if not isinstance(value, (bool, np.bool_)):
+    expected = "a bool or None" if allow_none else "a bool"
+    raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}.")
+
+
 def positive_int(value: Any, name: str, *, minimum: int = 1) -> None:
   """Checks a static Python integer >= minimum."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -196,8 +196,7 @@ def _check_metrics_arg(metrics: Iterable[str] | None) -> tuple[str, ...]:
 def _resolve_exclude_self(exclude_self: bool | None, gallery: Any, q: int, g: int) -> bool:
   if exclude_self is None:
     return gallery is None
-  if not isinstance(exclude_self, (bool, np.bool_)):
-    raise TypeError(f"`exclude_self` must be a bool or None, got {exclude_self!r}.")
+  _checks.flag(exclude_self, "exclude_self", allow_none=True)
   if exclude_self and g < q:
     raise ValueError(
         "`exclude_self=True` means query i is gallery item i, so the gallery must have at "

@@ -258,6 +258,11 @@ def test_knn_bad_input():
     ev.knn(x, k=1, metric="manhattan")
   with pytest.raises(TypeError, match="`chunk_size`"):
     ev.knn(x, k=1, chunk_size=2.5)
+  with pytest.raises(TypeError, match="`exclude_self` must be a bool or None, got str 'yes'"):
+    ev.knn(x, x, k=1, exclude_self="yes")
+  # A NumPy bool is a bool.
+  np.testing.assert_array_equal(ev.knn(x, x, k=1, exclude_self=np.bool_(True))[0],
+                                ev.knn(x, x, k=1, exclude_self=True)[0])
   bad = x.copy()
   bad[2, 1] = np.nan
   with pytest.raises(ValueError, match="`query` must be finite.*first: \\[2\\]"):

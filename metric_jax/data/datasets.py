@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from metric_jax import _checks
 from metric_jax.data import sources as sources_lib
 from metric_jax.data import tfds_sources
 from metric_jax.data.sources import ArraySource, DataSplits, Source
@@ -299,8 +300,7 @@ def load(name: str, *, validation: bool = False, validation_fraction: float = 0.
   """
   if name not in _LOADERS:
     raise ValueError(f"`name` must be one of {DATASET_NAMES}, got {name!r}.")
-  if not isinstance(validation, (bool, np.bool_)):
-    raise TypeError(f"`validation` must be a bool, got {validation!r}.")
+  _checks.flag(validation, "validation")
   splits = _LOADERS[name](**options)
   if validation:
     splits = validation_split(splits, validation_fraction)

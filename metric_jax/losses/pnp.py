@@ -185,9 +185,7 @@ def pnp_loss(embeddings: jax.Array, labels: jax.Array,
   _checks.scalar(b, "b", positive=True)
   _checks.scalar(alpha, "alpha", positive=True)
   _checks.scalar(anneal, "anneal", positive=True)
-  if not isinstance(include_self, (bool, np.bool_)):
-    raise TypeError(f"`include_self` must be a Python bool, got "
-                    f"{type(include_self).__name__} {include_self!r}.")
+  _checks.flag(include_self, "include_self")
   if max_positives is not None:
     _checks.positive_int(max_positives, "max_positives")
   problem = pairs.prepare(embeddings, labels, ref_embeddings, ref_labels,

@@ -145,9 +145,7 @@ def smooth_ap_loss(embeddings: jax.Array, labels: jax.Array,
   """
   reductions.check(reduction)
   _checks.scalar(temperature, "temperature", positive=True)
-  if not isinstance(include_self, bool):
-    raise TypeError(f"`include_self` must be a bool, got {type(include_self).__name__} "
-                    f"{include_self!r}.")
+  _checks.flag(include_self, "include_self")
   if include_self and ref_embeddings is not None:
     raise ValueError("`include_self=True` ranks each anchor among the batch itself and "
                      "needs ref_embeddings=None, got a reference set.")

@@ -250,7 +250,7 @@ def test_bad_inputs():
     mj.losses.pnp_loss(emb, lab, b=-1)
   with pytest.raises(ValueError, match="`alpha` must be a scalar, got shape"):
     mj.losses.pnp_loss(emb, lab, alpha=jnp.ones(2))
-  with pytest.raises(TypeError, match="`include_self` must be a Python bool, got str"):
+  with pytest.raises(TypeError, match="`include_self` must be a bool, got str"):
     mj.losses.pnp_loss(emb, lab, include_self="yes")
   with pytest.raises(ValueError, match="`max_positives` must be >= 1, got 0"):
     mj.losses.pnp_loss(emb, lab, max_positives=0)

@@ -233,6 +233,9 @@ def test_bad_inputs():
     loss(emb, lab, emb, lab, include_self=True)
   with pytest.raises(TypeError, match="`include_self` must be a bool, got int 1"):
     loss(emb, lab, include_self=1)
+  # A NumPy bool is a bool (as in pnp_loss and the evaluation's exclude_self).
+  np.testing.assert_allclose(loss(emb, lab, include_self=np.bool_(True)),
+                             loss(emb, lab, include_self=True))
   with pytest.raises(ValueError, match="`max_positives` must be >= 1, got 0"):
     loss(emb, lab, max_positives=0)
   with pytest.raises(TypeError, match="`max_positives` must be a Python int"):
