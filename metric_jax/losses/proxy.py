@@ -126,11 +126,13 @@ def proxy_nca_loss(embeddings: jax.Array, labels: jax.Array,
     p = distances_lib.l2_normalize(p)
   mat = distances_lib.pairwise(x, p, distance)
   logits = softmax_scale * (mat if is_sim else -mat)
-  target = _cls._one_hot(_cls._masked_labels(labels, where), num_classes)
-  if exclude_positive:
-    denom, nonempty = reductions.masked_logsumexp(logits, ~target, axis=1)
-  else:
-    denom, nonempty = jax.nn.logsumexp(logits, axis=1), jnp.ones(logits.shape[0], bool)
+  labels = _cls._masked_labels(labels, where)
+  if not exclude_positive:
+    # PML's form: the plain cross-entropy (NaN logits stay NaN in it; the
+    # target logit is gathered, not summed out of a masked [B, C] matrix).
+    return _cls._finish(_cls._cross_entropy(logits, labels), where, bad, reduction)
+  target = _cls._one_hot(labels, num_classes)
+  denom, nonempty = reductions.masked_logsumexp(logits, ~target, axis=1)
   pos_logit = jnp.sum(jnp.where(target, logits, 0.0), axis=1)
   terms = jnp.where(nonempty, denom - pos_logit, 0.0)
   # masked_logsumexp maps a NaN sum to 0; keep NaN inputs visible.
