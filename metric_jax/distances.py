@@ -202,10 +202,14 @@ def _dot_jvp(primals, tangents):
 def _squared_euclidean(x: jax.Array, y: jax.Array, same: bool) -> jax.Array:
   x_sq = jnp.sum(x * x, axis=-1)
   y_sq = x_sq if same else jnp.sum(y * y, axis=-1)
-  # The factor 2 scales the [N, D] operand, not the [N, M] product (the same
-  # numbers: doubling is exact): XLA:CPU otherwise may write a whole [N, M]
-  # matrix of 2s for its matrix-product fusion to read.
-  d2 = x_sq[:, None] + y_sq[None, :] - _dot(2.0 * x, y)
+  # The factor 2 scales the smaller operand, not the [N, M] product (the
+  # same numbers: doubling is exact): XLA:CPU otherwise may write a whole
+  # [N, M] matrix of 2s for its matrix-product fusion to read.
+  if x.shape[0] <= y.shape[0]:
+    twice_dot = _dot(2.0 * x, y)
+  else:
+    twice_dot = _dot(x, 2.0 * y)
+  d2 = x_sq[:, None] + y_sq[None, :] - twice_dot
   d2 = jnp.maximum(d2, 0.0)
   if same:
     d2 = jnp.where(jnp.eye(d2.shape[0], dtype=bool), 0.0, d2)
