@@ -18,7 +18,6 @@ __all__ = ["pnp_loss"]
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metric_jax import _checks
 from metric_jax import distances as distances_lib
