@@ -342,7 +342,7 @@ def test_average_precision_matches_sklearn():
   x, y = random_problem(11, n=40)
   xn = np_normalize(x)
   s = -np_pairwise(xn, xn)
-  aps, rrs = [], []
+  aps = []
   for i in range(len(y)):
     mask = np.arange(len(y)) != i
     rel = (y[mask] == y[i])

@@ -9,7 +9,7 @@ import pytest
 
 import metric_jax as mj
 from metric_jax import sharding
-from tests.helpers import label_layouts, random_embeddings
+from tests.helpers import random_embeddings
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 

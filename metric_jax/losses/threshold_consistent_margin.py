@@ -5,7 +5,6 @@ from __future__ import annotations
 __all__ = ["threshold_consistent_margin_loss"]
 
 import jax
-import jax.numpy as jnp
 
 from metric_jax import _checks
 from metric_jax import pairs

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 __all__ = ["TrainState", "init_train_state", "trainable", "describe"]
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct

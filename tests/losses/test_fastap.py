@@ -1,6 +1,5 @@
 """fastap_loss vs a loop reference, the loss contract and PML."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """intra_pair_variance_loss vs a loop reference, the loss contract and PML."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ import pathlib
 import numpy as np
 import pytest
 
-from metric_jax.training import checkpoint as ckpt_lib
 from metric_jax.training import loop
 from tests.training import common
 
